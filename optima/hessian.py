@@ -1,0 +1,103 @@
+"""Layer Hessians H = X^T X, accumulated by streaming and damped before solving.
+
+One Hessian is shared by every row of a linear layer's weight, so it is the only
+thing calibration has to keep per layer (d_in x d_in), never the activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class HessianAccumulator:
+    """Streams layer inputs into ``X^T X`` without storing ``X``.
+
+    ``add`` takes inputs of any leading shape (batch, sequence, ...) whose last
+    dimension is ``d_in``; they are cast to ``dtype`` (float32 or float64) before
+    the product, so bf16/fp16 models accumulate at full precision.
+    """
+
+    def __init__(self, d_in: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 name: str = "layer") -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Hessians accumulate in float32 or float64, not {dtype}")
+        self.name = name
+        self.sum = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self.tokens = 0
+
+    @property
+    def d_in(self) -> int:
+        return self.sum.shape[0]
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``x`` (..., d_in)."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, Hessian expects {self.d_in}")
+        x = x.reshape(-1, self.d_in).to(device=self.sum.device, dtype=self.sum.dtype)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"{self.name}: calibration inputs contain NaN or Inf")
+        self.sum.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def merge_(self, other_sum: torch.Tensor, other_tokens: int) -> None:
+        """Fold in a partial sum computed elsewhere (another process, a resumed run)."""
+        self.sum += other_sum.to(self.sum)
+        self.tokens += int(other_tokens)
+
+    def finalize(self) -> torch.Tensor:
+        """Return the mean Hessian ``X^T X / tokens`` (the scale does not change the optimum)."""
+        if self.tokens == 0:
+            raise RuntimeError(f"{self.name}: no calibration tokens reached this layer")
+        return self.sum / self.tokens
+
+
+@dataclass
+class Damping:
+    """What was done to make a Hessian safely positive definite."""
+
+    frac: float          # requested damping, relative to mean(diag H)
+    value: float         # absolute amount added to the diagonal
+    dead_inputs: int     # inputs with zero diagonal (never active in calibration)
+
+
+def damp_hessian(hessian: torch.Tensor, frac: float) -> tuple[torch.Tensor, Damping]:
+    """Return ``H + frac * mean(diag H) * I`` with dead inputs given a unit diagonal.
+
+    A dead input (zero column of X) has a zero row and column in H; giving it a
+    positive diagonal decouples it, so its weight is left unchanged by any update
+    instead of making the kept-set system singular. Works on a copy.
+    """
+    if frac < 0:
+        raise ValueError(f"damping must be >= 0, got {frac}")
+    h = hessian.clone()
+    diag = h.diagonal()
+    dead = diag <= 0
+    live_mean = diag[~dead].mean().item() if (~dead).any() else 0.0
+    scale = live_mean if live_mean > 0 else 1.0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    diag[dead] = scale
+    value = frac * scale
+    diag += value
+    return h, Damping(frac=frac, value=value, dead_inputs=int(dead.sum()))
+
+
+def cholesky_escalating(hessian: torch.Tensor, damping: Damping,
+                        tries: int = 6) -> tuple[torch.Tensor, torch.Tensor, Damping]:
+    """Cholesky factor of a damped Hessian, adding damping x10 per failed try.
+
+    Returns ``(H, L, damping)`` with ``H = L L^T`` the matrix finally factored. Never
+    falls back silently: the returned ``Damping`` says how much was finally used.
+    """
+    h = hessian
+    for _ in range(tries):
+        factor, info = torch.linalg.cholesky_ex(h)
+        if info.item() == 0 and torch.isfinite(factor).all():
+            return h, factor, damping
+        extra = max(damping.value, 1e-8 * h.diagonal().mean().item()) * 9.0
+        h = h + extra * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        damping = Damping(frac=damping.frac, value=damping.value + extra, dead_inputs=damping.dead_inputs)
+    raise torch.linalg.LinAlgError(f"Hessian is not positive definite even with damping {damping.value:.3g}")
