@@ -1,0 +1,189 @@
+"""LightningModule and DataModule for pruning and evaluating causal language models.
+
+``CausalLM`` wraps any transformers causal LM (hub id, local folder, llama2.c file);
+its validation/test loop is the post-pruning evaluation: perplexity (torchmetrics),
+sparsity of the prunable layers, and, when ``compare_dense`` is on, each block's
+relative output error against a dense copy kept from before pruning.
+``TextData`` serves calibration windows as the train set and evaluation windows as
+the validation/test set.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.text import Perplexity
+
+from optima.evaluate import block_output_errors, layer_sparsity, overall_sparsity
+from optima.loading import load_model, load_tokenizer
+from optima.text import check_source, consecutive_windows, random_windows, read_text, tokenize
+
+
+class CausalLM(pl.LightningModule):
+    """A causal LM to prune, fine-tune and evaluate.
+
+    Args:
+        model: hub id, local checkpoint folder, or llama2.c ``.bin`` file.
+        dtype: weight dtype to load ("float32", "bfloat16", ...).
+        learning_rate: AdamW learning rate for sparse fine-tuning after pruning.
+        compare_dense: keep a dense copy to report per-block output error in evaluation.
+        save_dir: where ``save_pretrained`` writes the model after the fit (atomically).
+        tokenizer: tokenizer spec saved beside the model (defaults to ``model``).
+    """
+
+    def __init__(self, model: str, dtype: str = "float32", learning_rate: float = 1e-5,
+                 compare_dense: bool = False, save_dir: str | None = None, tokenizer: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_model(model, "causal_lm", dtype)
+        self.dense: torch.nn.Module | None = None
+        self.perplexity = Perplexity(ignore_index=-100)
+        self.block_errors: list[float] | None = None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compare_dense and self.dense is None:
+            self.dense = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        ids = batch["input_ids"]
+        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: dict, prefix: str) -> None:
+        ids = batch["input_ids"]
+        logits = self(ids).logits.float()
+        self.perplexity.update(logits[:, :-1], ids[:, 1:])
+        self.log(f"{prefix}/perplexity", self.perplexity, on_epoch=True, prog_bar=True)
+
+    def _fresh_metric(self) -> None:
+        # a reset inside inference mode would leave inference tensors that a later
+        # (no_grad) validation inside fit could not update; reset outside it
+        with torch.inference_mode(False):
+            self.perplexity.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._fresh_metric()
+
+    def on_test_epoch_start(self) -> None:
+        self._fresh_metric()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_structure("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_structure("test")
+
+    def _log_structure(self, prefix: str) -> None:
+        self.log(f"{prefix}/sparsity", overall_sparsity(self.model))
+        if self.dense is not None and self.trainer.datamodule is not None:
+            loader = self.trainer.datamodule.val_dataloader()
+            self.dense.to(self.device)
+            self.block_errors = block_output_errors(
+                self.dense, self.model, [next(iter(loader))],
+                lambda m, b: m(input_ids=b["input_ids"].to(self.device), use_cache=False))
+            for i, err in enumerate(self.block_errors):
+                self.log(f"{prefix}/block{i}_rel_error", err)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return layer_sparsity(self.model)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.save_dir and self.trainer.is_global_zero:
+            save_pretrained_atomic(self.model, self.hparams.save_dir, self.hparams.tokenizer or self.hparams.model)
+
+
+def save_pretrained_atomic(model: torch.nn.Module, save_dir: str, tokenizer: str | None = None) -> None:
+    """``save_pretrained`` into a temporary sibling folder, then swap it in: never half-written."""
+    target = Path(save_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            try:
+                load_tokenizer(tokenizer).save_pretrained(staging)
+            except (OSError, ValueError):
+                pass  # a model without a loadable tokenizer is still a valid checkpoint
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+class TextData(pl.LightningDataModule):
+    """Calibration windows (train) and evaluation windows (validation/test) of tokenized text.
+
+    Args:
+        tokenizer: tokenizer spec (hub id, folder, llama2.c ``tok*.bin``).
+        calibration: local text file or ``dataset:NAME[:CONFIG]:SPLIT``.
+        evaluation: the same, for perplexity; None skips evaluation.
+        seq_len: tokens per window.
+        calibration_samples: number of random calibration windows (seeded).
+        eval_windows: cap on evaluation windows (None: the whole text).
+    """
+
+    def __init__(self, tokenizer: str, calibration: str, evaluation: str | None = None, seq_len: int = 128,
+                 calibration_samples: int = 128, batch_size: int = 8, eval_windows: int | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        if calibration_samples < 1 or batch_size < 1:
+            raise ValueError("calibration_samples and batch_size must be >= 1")
+        check_source(calibration)
+        if evaluation is not None:
+            check_source(evaluation)
+        self.save_hyperparameters()
+        self.calibration_ids: torch.Tensor | None = None
+        self.evaluation_ids: torch.Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        tokenizer = load_tokenizer(hp.tokenizer)
+        if self.calibration_ids is None:
+            ids = tokenize(read_text(hp.calibration), tokenizer)
+            self.calibration_ids = random_windows(ids, hp.seq_len, hp.calibration_samples, hp.seed)
+        if self.evaluation_ids is None and hp.evaluation is not None:
+            ids = tokenize(read_text(hp.evaluation), tokenizer)
+            self.evaluation_ids = consecutive_windows(ids, hp.seq_len, hp.eval_windows)
+
+    def _loader(self, windows: torch.Tensor | None) -> DataLoader:
+        if windows is None:
+            raise ValueError("no evaluation text configured (data.evaluation)")
+        return DataLoader([{"input_ids": w} for w in windows], batch_size=self.hparams.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.calibration_ids)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.hparams.evaluation is None else self._loader(self.evaluation_ids)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.evaluation_ids)

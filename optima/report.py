@@ -1,0 +1,75 @@
+"""Showing and saving what a pruning run measured: a rich table and a JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from optima.sequential import PruneReport
+
+
+def summary(report: PruneReport) -> dict[str, Any]:
+    """Totals over all layers: mean relative errors, overall sparsity, time by phase."""
+    layers = report.layers
+    params = sum(r.shape[0] * r.shape[1] for r in layers)
+    zeros = sum(r.stats.sparsity * r.shape[0] * r.shape[1] for r in layers)
+    n = max(1, len(layers))
+    return {
+        "layers": len(layers),
+        "sparsity": zeros / params if params else 0.0,
+        "mean_relative_error": sum(r.stats.relative_error for r in layers) / n,
+        "mean_relative_error_no_update": sum(r.stats.relative_error_none for r in layers) / n,
+        "unconverged_rows": sum(r.stats.unconverged_rows for r in layers),
+        "fallbacks_to_no_update": sum(r.stats.fell_back_to_none for r in layers),
+        "seconds": dict(report.seconds),
+    }
+
+
+def table(report: PruneReport, title: str = "OPTIMA pruning report") -> Table:
+    """One row per layer: shape, sparsity, error before/after the update, solver effort, time."""
+    t = Table(title=title)
+    for col in ("layer", "shape", "sparsity", "rel. err (mask only)", "rel. err", "solver", "CG it.",
+                "KKT", "time s", "notes"):
+        t.add_column(col, justify="left" if col in ("layer", "notes", "solver") else "right")
+    for r in report.layers:
+        s = r.stats
+        t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{s.sparsity:.3f}", f"{s.relative_error_none:.4g}",
+                  f"{s.relative_error:.4g}", s.solver_method or "-", f"{s.cg_iterations_mean:.0f}",
+                  f"{s.kkt_residual_max:.1e}", f"{s.seconds:.2f}", "; ".join(s.notes))
+    return t
+
+
+def print_report(report: PruneReport, console: Console | None = None) -> None:
+    """Print the per-layer table and the totals."""
+    console = console or Console()
+    console.print(table(report))
+    total = summary(report)
+    console.print(f"[bold]{total['layers']} layers[/bold], sparsity {total['sparsity']:.4f}, mean relative "
+                  f"error {total['mean_relative_error']:.4g} (mask only: {total['mean_relative_error_no_update']:.4g})"
+                  f", time by phase: " + ", ".join(f"{k} {v:.2f}s" for k, v in total["seconds"].items()))
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(report: PruneReport, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """Save the per-layer records and totals as JSON (atomically)."""
+    payload = {"summary": summary(report), "layers": [r.as_dict() for r in report.layers], **(extra or {})}
+    write_atomic(path, json.dumps(payload, indent=2))

@@ -1,0 +1,203 @@
+"""The block-by-block walk over a model: calibrate, prune, propagate.
+
+Sequential mode (SparseGPT's and the paper's scheme): the inputs of the first block
+are captured once per calibration batch; then for each block in turn its linear
+layers' Hessians are accumulated from those inputs, the layers are pruned, and the
+pruned block is run again to produce the next block's inputs. Only one block's
+Hessians are alive at a time and no block runs more than twice per batch.
+One-pass mode accumulates every layer's Hessian in a single dense forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from optima.config import PruneConfig
+from optima.hessian import HessianAccumulator
+from optima.model import LayerSelection, find_blocks, set_weight_rows, weight_rows
+from optima.prune import PruneStats, prune_weight
+
+
+@dataclass
+class LayerRecord:
+    """One pruned layer, for the report."""
+
+    name: str
+    block: int
+    shape: tuple[int, int]
+    target_sparsity: float
+    tokens: int
+    stats: PruneStats
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.name, "block": self.block, "shape": list(self.shape),
+                "target_sparsity": self.target_sparsity, "tokens": self.tokens, **self.stats.as_dict()}
+
+
+@dataclass
+class PruneReport:
+    """Everything a pruning run measured."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)   # where the time went
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass after the first block's inputs."""
+
+
+class BlockInputs:
+    """Positional and keyword inputs of a block, one entry per calibration batch."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def append(self, args: tuple, kwargs: dict) -> None:
+        self.calls.append((args, kwargs))
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def replace_hidden(self, outputs: list[torch.Tensor]) -> None:
+        """Feed each batch's block output in as the next block's hidden states."""
+        new = []
+        for (args, kwargs), hidden in zip(self.calls, outputs):
+            if args:
+                new.append(((hidden, *args[1:]), kwargs))
+            else:
+                new.append(((), {**kwargs, "hidden_states": hidden}))
+        self.calls = new
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    """A block's hidden-state output, whether returned bare or first in a tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: Iterable[Any], run_batch: Callable[[Any], Any]) -> BlockInputs:
+    """Run ``run_batch`` on each batch up to the first block, recording that block's inputs."""
+    _, blocks = find_blocks(model)
+    inputs = BlockInputs()
+
+    def hook(_module, args, kwargs):
+        inputs.append(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                run_batch(batch)
+            except _Captured:
+                continue
+            raise RuntimeError("the forward pass never reached the first block")
+    finally:
+        handle.remove()
+    if not len(inputs):
+        raise ValueError("the calibration set is empty")
+    return inputs
+
+
+def _attach_accumulators(layers: dict[str, nn.Module], dtype: torch.dtype) -> tuple[dict, list]:
+    """Forward pre-hooks streaming each layer's inputs into its own Hessian."""
+    accumulators, handles = {}, []
+    for name, layer in layers.items():
+        acc = HessianAccumulator(weight_rows(layer).shape[1], dtype=dtype, device=layer.weight.device, name=name)
+        accumulators[name] = acc
+        handles.append(layer.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+    return accumulators, handles
+
+
+def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianAccumulator], block: int,
+                  config: PruneConfig, report: PruneReport, on_layer: Callable[[LayerRecord], None] | None) -> None:
+    for name, layer in layers.items():
+        acc = accumulators.pop(name)
+        start = time.perf_counter()
+        hessian = acc.finalize()
+        pattern = config.pattern_for(name)
+        result = prune_weight(weight_rows(layer).detach(), hessian, sparsity=pattern.sparsity if not pattern.structured
+                              else None, pattern=config.pattern, mask=config.mask, update=config.update,
+                              damp=config.damp, solver_options=config.solver, blocksize=config.blocksize)
+        set_weight_rows(layer, result.weight)
+        report.masks[name] = result.keep.cpu()
+        record = LayerRecord(name, block, tuple(result.weight.shape), pattern.sparsity, acc.tokens, result.stats)
+        report.layers.append(record)
+        report.add_time("mask", result.stats.seconds_mask)
+        report.add_time("update", result.stats.seconds_update)
+        report.add_time("stats", time.perf_counter() - start - result.stats.seconds_mask - result.stats.seconds_update)
+        if on_layer:
+            on_layer(record)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any], config: PruneConfig,
+                selection: LayerSelection = LayerSelection(), sequential: bool = True,
+                on_layer: Callable[[LayerRecord], None] | None = None,
+                on_block: Callable[[int, int], None] | None = None) -> PruneReport:
+    """Prune every selected linear layer of ``model`` in place; return the report.
+
+    ``run_batch(batch)`` runs the model's forward on one calibration batch.
+    ``on_layer`` is called after each layer, ``on_block(i, n)`` before each block.
+    """
+    prefix, blocks = find_blocks(model)
+    names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks))]
+    per_block = [selection.select(block, name) for block, name in zip(blocks, names)]
+    if not any(per_block):
+        raise ValueError("no linear layer matches the targets/ignore settings")
+    for layers in per_block:
+        for name, layer in layers.items():
+            config.pattern_for(name).check(weight_rows(layer).shape[1])
+    report = PruneReport()
+    was_training = model.training
+    model.eval()
+    try:
+        if sequential:
+            start = time.perf_counter()
+            inputs = capture_block_inputs(model, batches, run_batch)
+            report.add_time("forward", time.perf_counter() - start)
+            for i, (block, layers) in enumerate(zip(blocks, per_block)):
+                if on_block:
+                    on_block(i, len(blocks))
+                accumulators, handles = _attach_accumulators(layers, config.hessian_dtype)
+                start = time.perf_counter()
+                try:
+                    for args, kwargs in inputs.calls:
+                        block(*args, **kwargs)
+                finally:
+                    for h in handles:
+                        h.remove()
+                report.add_time("forward+hessian", time.perf_counter() - start)
+                _prune_layers(layers, accumulators, i, config, report, on_layer)
+                if i + 1 < len(blocks):
+                    start = time.perf_counter()
+                    inputs.replace_hidden([_hidden(block(*a, **k)) for a, k in inputs.calls])
+                    report.add_time("forward", time.perf_counter() - start)
+        else:
+            everything = {n: m for layers in per_block for n, m in layers.items()}
+            accumulators, handles = _attach_accumulators(everything, config.hessian_dtype)
+            start = time.perf_counter()
+            try:
+                for batch in batches:
+                    run_batch(batch)
+            finally:
+                for h in handles:
+                    h.remove()
+            report.add_time("forward+hessian", time.perf_counter() - start)
+            for i, layers in enumerate(per_block):
+                if on_block:
+                    on_block(i, len(blocks))
+                _prune_layers(layers, accumulators, i, config, report, on_layer)
+    finally:
+        model.train(was_training)
+    return report

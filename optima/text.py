@@ -1,0 +1,60 @@
+"""Calibration and evaluation text as fixed-length token windows.
+
+Text comes from a local file (``assets:REL`` for the offline assets folder) or, for users with a network, a datasets dataset named
+``dataset:NAME[:CONFIG]:SPLIT`` (e.g. ``dataset:wikitext:wikitext-2-raw-v1:test``).
+Calibration draws ``samples`` random windows with a fixed seed; evaluation cuts the
+concatenated text into consecutive non-overlapping windows (the WikiText-2 protocol).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from optima.loading import resolve_path
+
+
+def check_source(source: str) -> None:
+    """Raise now, before any work, if a local text file does not exist."""
+    if not source.startswith("dataset:") and not Path(resolve_path(source)).is_file():
+        raise FileNotFoundError(f"text file not found: {source}")
+
+
+def read_text(source: str) -> str:
+    """The whole text of a local file or of a datasets split (its ``text`` column joined)."""
+    check_source(source)
+    if source.startswith("dataset:"):
+        import datasets
+
+        parts = source.split(":")[1:]
+        if len(parts) not in (2, 3):
+            raise ValueError(f"dataset source must be dataset:NAME[:CONFIG]:SPLIT, got {source!r}")
+        name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+        return "\n\n".join(datasets.load_dataset(name, config, split=split)["text"])
+    return Path(resolve_path(source)).read_text(encoding="utf-8")
+
+
+def tokenize(text: str, tokenizer) -> torch.Tensor:
+    """All token ids of ``text`` as one long 1-D tensor (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, seq_len: int, samples: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens at seeded random offsets."""
+    if ids.numel() < seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (samples,), generator=generator)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def consecutive_windows(ids: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows covering the text from the start (a short tail is dropped)."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if limit is not None:
+        n = min(n, limit)
+    return ids[: n * seq_len].reshape(n, seq_len)
