@@ -52,6 +52,9 @@ class SentenceEncoder(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
         return sentence_embeddings(self.model, {"input_ids": input_ids, "attention_mask": attention_mask})
 
+    def on_train_start(self) -> None:
+        self.model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout back
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
             target = sentence_embeddings(self.dense, batch)

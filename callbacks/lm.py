@@ -54,6 +54,9 @@ class CausalLM(pl.LightningModule):
         if self.hparams.compare_dense and self.dense is None:
             self.dense = copy.deepcopy(self.model).eval().requires_grad_(False)
 
+    def on_train_start(self) -> None:
+        self.model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout back
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]
         loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss

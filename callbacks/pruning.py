@@ -58,7 +58,8 @@ class OptimaPruning(pl.Callback):
     uses the first ``calibration_samples`` sequences of the fit's train dataloader.
     """
 
-    def __init__(self, sparsity: float | dict[str, float] | None = 0.5, pattern: str = "unstructured",
+    def __init__(self, sparsity: float | dict[str, float] | None = 0.5, default_sparsity: float | None = 0.5,
+                 pattern: str = "unstructured",
                  mask: str = "wanda", update: str = "optima", calibration_samples: int = 128,
                  sequential: bool = True, targets: list[str] | None = None, ignore: list[str] | None = None,
                  skip_attention: bool = False, damp: float = 0.01, blocksize: int = 128,
@@ -75,7 +76,8 @@ class OptimaPruning(pl.Callback):
                 raise ValueError(f"{label} must be 'float32' or 'float64', got {value!r}")
         solver = SolverOptions(method=solver_method, preconditioner=preconditioner, tol=solver_tol,
                                dtype=dtypes[solver_dtype], compile=compile)
-        self.config = PruneConfig(sparsity=sparsity, pattern=pattern, mask=mask, update=update, damp=damp,
+        self.config = PruneConfig(sparsity=sparsity, default_sparsity=default_sparsity, pattern=pattern, mask=mask,
+                                  update=update, damp=damp,
                                   blocksize=blocksize, hessian_dtype=dtypes[hessian_dtype], solver=solver)
         self.selection = LayerSelection(targets=tuple(targets or ()), ignore=tuple(ignore or ("lm_head",)),
                                         skip_attention=skip_attention)
@@ -93,13 +95,16 @@ class OptimaPruning(pl.Callback):
 
     # -- life cycle -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Fail fast: find the blocks and targeted layers before any data is touched."""
+        """Fail fast: find the blocks and targeted layers, check each fits its pattern, before any data is touched."""
         model = self.target_model(pl_module)
-        find_blocks(model)
-        linear_layers(model, self.selection)
+        for name, layer in linear_layers(model, self.selection).items():
+            self.config.pattern_for(name).check(weight_rows(layer).shape[1])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned:  # resumed from a checkpoint that already holds the masks
+            missing = set(self.masks) - set(dict(self.target_model(pl_module).named_modules()))
+            if missing:
+                raise KeyError(f"checkpoint masks name layers this model lacks: {sorted(missing)[:3]}")
             self.apply_masks(pl_module)
             return
         batches = self.calibration_batches(trainer)

@@ -41,7 +41,8 @@ def resolve(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         return str(path)
-    if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".bin") or spec.count("/") > 1:
+    local_parent = "/" in spec and Path(spec.split("/", 1)[0]).is_dir()  # "runs/model": not a hub id
+    if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".bin") or spec.count("/") > 1 or local_parent:
         raise FileNotFoundError(f"model path not found: {spec}")
     return spec  # a hub id
 

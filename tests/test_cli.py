@@ -1,0 +1,233 @@
+"""The ``optima`` command end to end on the real stories260K model, and the CLI's Lightning modules."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from callbacks.lm import CausalLM, TextData
+from callbacks.pruning import OptimaPruning
+from optima.llama2c import load_llama2c
+from optima.loading import assets_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "tests" / "recipes" / "stories260k-tiny.yaml"
+RECIPE_2OF4 = ROOT / "tests" / "recipes" / "stories260k-tiny-2of4.yaml"
+MODEL, TOKENIZER = "assets:stories260K/stories260K.bin", "assets:stories260K/tok512.bin"
+VALID, TEST = "assets:wikitext-2/valid.txt", "assets:wikitext-2/test.txt"
+LOCAL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NAMES = [f"model.layers.{i}.{local}" for i in range(5) for local in LOCAL]
+
+pytestmark = [
+    pytest.mark.skipif(not all((assets_dir() / p).is_file() for p in (
+        "stories260K/stories260K.bin", "stories260K/tok512.bin", "wikitext-2/valid.txt", "wikitext-2/test.txt")),
+        reason=f"offline assets missing under {assets_dir()} (set OPTIMA_ASSETS)"),
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+]
+
+
+def optima(*args: str, outputs: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``optima ARGS`` in a fresh interpreter; with ``outputs``, every file it writes goes there."""
+    if outputs is not None:
+        args = (*args, f"--trainer.default_root_dir={outputs}", f"--model.init_args.save_dir={outputs / 'pruned'}",
+                f"--pruning.report_path={outputs / 'report.json'}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OPTIMA_ASSETS": str(assets_dir())}
+    return subprocess.run([sys.executable, "-m", "callbacks.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def table_values(stdout: str, metric: str) -> list[float]:
+    """The numbers on a rich table row that starts with ``metric``."""
+    row = next(line for line in stdout.splitlines() if re.search(rf"[│┃]\s*{re.escape(metric)}\s*[│┃]", line))
+    return [float(v) for v in re.findall(r"[│┃]\s*(-?[\d.]+(?:e[-+]?\d+)?)\s*(?=[│┃])", row)]
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, seq_len: int = 64, windows: int = 4) -> float:
+    """WikiText-2 test perplexity over the recipe's windows, computed independently of the CLI."""
+    data = TextData(TOKENIZER, VALID, TEST, seq_len=seq_len, calibration_samples=1, eval_windows=windows)
+    data.setup("validate")
+    ids = data.evaluation_ids
+    logits = model(input_ids=ids).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return math.exp(float(nll))
+
+
+@pytest.fixture(scope="module")
+def dense() -> torch.nn.Module:
+    return load_llama2c(assets_dir() / "stories260K" / "stories260K.bin").eval()
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_fit_prunes_saves_and_reloads(tmp_path, dense):
+    from transformers import AutoModelForCausalLM
+
+    run = optima("fit", "--config", str(RECIPE), outputs=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["layer"] for r in report["layers"]] == NAMES
+    assert {r["tokens"] for r in report["layers"]} == {8 * 64}          # calibration_samples x seq_len
+    assert report["summary"]["sparsity"] == 0.5
+    assert all(r["objective"] < r["objective_none"] for r in report["layers"])
+    assert (tmp_path / "config.yaml").is_file()
+
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True).eval()
+    dense_params = dict(dense.named_parameters())
+    for name, param in pruned.named_parameters():
+        layer = name.removesuffix(".weight")
+        if layer in NAMES:
+            rows, d_in = param.shape
+            assert ((param == 0).sum(1) == d_in // 2).all(), name       # 50% of every row exactly zero
+            kept = param != 0
+            assert not torch.equal(param[kept], dense_params[name][kept])  # OPTIMA moved the survivors
+        else:
+            assert torch.equal(param, dense_params[name]), name         # embeddings, norms: untouched
+    assert (tmp_path / "pruned" / "tokenizer.json").is_file()
+
+    # the dense-vs-pruned table agrees with an independent evaluation of both models
+    dense_ppl, pruned_ppl = table_values(run.stdout, "val/perplexity")
+    assert dense_ppl == pytest.approx(perplexity(dense), rel=1e-3)
+    assert pruned_ppl == pytest.approx(perplexity(pruned), rel=1e-3)
+    assert pruned_ppl > dense_ppl
+    assert table_values(run.stdout, "val/sparsity") == [0.0, 0.5]
+    assert "seq_len=64, calibration_samples=8, eval_windows=4, seed=0" in run.stdout
+
+
+def test_fit_2of4_one_pass(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = optima("fit", "--config", str(RECIPE_2OF4), outputs=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["layer"] for r in report["layers"]] == NAMES
+    assert report["config"]["pattern"] == "2:4" and report["config"]["mask"] == "sparsegpt"
+    assert all(r["objective"] <= r["objective_none"] for r in report["layers"])
+    assert "Evaluation: dense vs pruned" not in run.stdout                # evaluate: false
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True)
+    for name in NAMES:
+        w = pruned.get_submodule(name).weight
+        rows, d_in = w.shape
+        assert ((w == 0).reshape(rows, d_in // 4, 4).sum(-1) == 2).all(), name
+
+
+def test_print_config_resolves_the_recipe_and_overrides():
+    run = optima("fit", "--config", str(RECIPE), "--pruning.sparsity=0.25", "--print_config")
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = yaml.safe_load(run.stdout)
+    assert config["pruning"]["sparsity"] == 0.25
+    assert config["pruning"]["mask"] == "wanda" and config["pruning"]["compile"] is False
+    assert config["pruning"]["calibration_samples"] == 8
+    assert config["model"]["class_path"] == "callbacks.lm.CausalLM"
+    assert config["model"]["init_args"]["model"] == MODEL
+    assert config["data"]["init_args"]["seq_len"] == 64
+    assert config["trainer"]["max_epochs"] == 0
+    assert config["evaluate"] is True
+
+
+def test_optima_console_script_runs_the_cli():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "optima"]
+    assert script.value == "callbacks.cli:main"
+
+
+def test_validate_evaluates_the_dense_model_without_pruning(tmp_path, dense):
+    run = optima("validate", "--config", str(RECIPE), outputs=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (ppl,) = table_values(run.stdout, "val/perplexity")
+    assert ppl == pytest.approx(perplexity(dense), rel=1e-5)
+    assert table_values(run.stdout, "val/sparsity") == [0.0]
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--pruning.sparsity=1.5"], "ValueError: sparsity must be in (0, 1), got 1.5"),
+    (["--pruning.mask=wanda", "--pruning.update=sparsegpt"], "ValueError: update='sparsegpt'"),
+    (["--pruning.pattern=4:8"], "ValueError: pattern 4:8 needs d_in divisible by 8, got 172"),
+    (["--model.init_args.model=/nonexistent/model"], "FileNotFoundError: model path not found: /nonexistent/model"),
+    (["--data.init_args.calibration=/nonexistent/calibration.txt"],
+     "FileNotFoundError: text file not found: /nonexistent/calibration.txt"),
+])
+def test_cli_rejects_bad_input_before_pruning(tmp_path, args, fragment):
+    run = optima("fit", "--config", str(RECIPE), *args, outputs=tmp_path)
+    assert run.returncode != 0
+    assert fragment in run.stderr, run.stderr[-3000:]
+    assert "OPTIMA pruning report" not in run.stdout
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "pruned").exists()
+
+
+# ------------------------------------------------------------------------------------ the CLI's modules
+def test_causal_lm_missing_model_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model path not found"):
+        CausalLM(model=str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match=r"model path not found: \S*stories260K/missing\.bin"):
+        CausalLM(model="assets:stories260K/missing.bin")
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        CausalLM(model=MODEL, dtype="float8")
+
+
+def test_text_data_missing_paths_and_bad_sizes(tmp_path):
+    missing = str(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"text file not found: {missing}")):
+        TextData(TOKENIZER, missing)
+    with pytest.raises(FileNotFoundError, match="text file not found: assets:wikitext-2/nope.txt"):
+        TextData(TOKENIZER, VALID, evaluation="assets:wikitext-2/nope.txt")
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+        TextData(TOKENIZER, VALID, seq_len=1)
+    with pytest.raises(ValueError, match="calibration_samples and batch_size must be >= 1"):
+        TextData(TOKENIZER, VALID, calibration_samples=0)
+
+
+@pytest.mark.parametrize("text, tokens", [("", 0), ("Once upon a time there was a cat.", None)])
+def test_too_short_calibration_text_fails_before_pruning(tmp_path, text, tokens):
+    path = tmp_path / "short.txt"
+    path.write_text(text)
+    module = CausalLM(model=MODEL)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    pruning = OptimaPruning(calibration_samples=8, compile=False, progress=False,
+                            report_path=str(tmp_path / "report.json"))
+    trainer = pl.Trainer(max_epochs=0, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning])
+    fragment = rf"calibration text has {tokens if tokens is not None else '[0-9]+'} tokens, fewer than one window of 64"
+    with pytest.raises(ValueError, match=fragment):
+        trainer.fit(module, datamodule=TextData(TOKENIZER, str(path), seq_len=64, calibration_samples=8))
+    assert not pruning.pruned and not (tmp_path / "report.json").exists()
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_causal_lm_and_text_data_prune_and_fine_tune_in_process(tmp_path, dense):
+    """The CLI's modules with the callback in a plain Trainer: prune, 3 sparse steps, save."""
+    module = CausalLM(model=MODEL, learning_rate=1e-3, save_dir=str(tmp_path / "pruned"), tokenizer=TOKENIZER)
+    data = TextData(TOKENIZER, VALID, TEST, seq_len=32, calibration_samples=8, batch_size=4, eval_windows=2)
+    pruning = OptimaPruning(calibration_samples=8, compile=False, progress=False)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning],
+                         num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 3
+    assert set(pruning.masks) == set(NAMES)
+    for name, keep in pruning.masks.items():
+        w = module.model.get_submodule(name).weight.detach()
+        assert (w[~keep] == 0).all() and ((w == 0).sum(1) >= w.shape[1] // 2).all()
+    assert module.layer_sparsity() == {name: 0.5 for name in NAMES}
+    results = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert results["val/sparsity"] == pytest.approx(0.5)
+    assert math.isfinite(results["val/perplexity"]) and results["val/perplexity"] > 1
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True)
+    for name in NAMES:
+        torch.testing.assert_close(saved.get_submodule(name).weight, module.model.get_submodule(name).weight,
+                                   rtol=0, atol=0)
