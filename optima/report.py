@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from optima.atomic import write_atomic
 from optima.sequential import PruneReport
 
 
@@ -53,20 +52,6 @@ def print_report(report: PruneReport, console: Console | None = None) -> None:
     console.print(f"[bold]{total['layers']} layers[/bold], sparsity {total['sparsity']:.4f}, mean relative "
                   f"error {total['mean_relative_error']:.4g} (mask only: {total['mean_relative_error_no_update']:.4g})"
                   f", time by phase: " + ", ".join(f"{k} {v:.2f}s" for k, v in total["seconds"].items()))
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_json(report: PruneReport, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:

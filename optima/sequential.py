@@ -22,6 +22,7 @@ from optima.config import PruneConfig
 from optima.hessian import HessianAccumulator
 from optima.model import LayerSelection, find_blocks, set_weight_rows, weight_rows
 from optima.prune import PruneStats, prune_weight
+from optima.resume import BlockCheckpoints, fingerprint
 
 
 @dataclass
@@ -140,15 +141,39 @@ def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianA
             on_layer(record)
 
 
+def _restore_block(layers: dict[str, nn.Module], saved: dict[str, Any], report: PruneReport,
+                   on_layer: Callable[[LayerRecord], None] | None) -> None:
+    """Put a finished block's saved weights, masks and records back (resuming a run)."""
+    for name, layer in layers.items():
+        set_weight_rows(layer, saved["weights"][name].to(layer.weight.device))
+        report.masks[name] = saved["masks"][name]
+    for record in saved["records"]:
+        report.layers.append(record)
+        if on_layer:
+            on_layer(record)
+
+
+def _finish_block(i: int, layers: dict[str, nn.Module], report: PruneReport,
+                  checkpoints: BlockCheckpoints | None) -> None:
+    if checkpoints is not None:
+        checkpoints.save(i, {"weights": {n: weight_rows(m).detach().cpu().clone() for n, m in layers.items()},
+                             "masks": {n: report.masks[n] for n in layers},
+                             "records": [r for r in report.layers if r.block == i]})
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any], config: PruneConfig,
                 selection: LayerSelection = LayerSelection(), sequential: bool = True,
                 on_layer: Callable[[LayerRecord], None] | None = None,
-                on_block: Callable[[int, int], None] | None = None) -> PruneReport:
+                on_block: Callable[[int, int], None] | None = None,
+                resume_dir: str | None = None) -> PruneReport:
     """Prune every selected linear layer of ``model`` in place; return the report.
 
     ``run_batch(batch)`` runs the model's forward on one calibration batch.
     ``on_layer`` is called after each layer, ``on_block(i, n)`` before each block.
+    With ``resume_dir`` every finished block is checkpointed there, and a rerun of the
+    same pruning (same options, model layers and batches) picks up after the last one,
+    giving the same weights as an uninterrupted run.
     """
     prefix, blocks = find_blocks(model)
     names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks))]
@@ -158,6 +183,10 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
     for layers in per_block:
         for name, layer in layers.items():
             config.pattern_for(name).check(weight_rows(layer).shape[1])
+    checkpoints = None
+    if resume_dir is not None:
+        layout = [[(n, tuple(weight_rows(m).shape)) for n, m in layers.items()] for layers in per_block]
+        checkpoints = BlockCheckpoints(resume_dir, fingerprint(repr(config), sequential, layout, list(batches)))
     report = PruneReport()
     was_training = model.training
     model.eval()
@@ -169,26 +198,32 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
             for i, (block, layers) in enumerate(zip(blocks, per_block)):
                 if on_block:
                     on_block(i, len(blocks))
-                accumulators, handles = _attach_accumulators(layers, config.hessian_dtype)
-                start = time.perf_counter()
-                try:
-                    for args, kwargs in inputs.calls:
-                        block(*args, **kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
-                report.add_time("forward+hessian", time.perf_counter() - start)
-                _prune_layers(layers, accumulators, i, config, report, on_layer)
+                saved = checkpoints.load(i) if checkpoints else None
+                if saved is not None:
+                    _restore_block(layers, saved, report, on_layer)
+                else:
+                    accumulators, handles = _attach_accumulators(layers, config.hessian_dtype)
+                    start = time.perf_counter()
+                    try:
+                        for args, kwargs in inputs.calls:
+                            block(*args, **kwargs)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    report.add_time("forward+hessian", time.perf_counter() - start)
+                    _prune_layers(layers, accumulators, i, config, report, on_layer)
+                    _finish_block(i, layers, report, checkpoints)
                 if i + 1 < len(blocks):
                     start = time.perf_counter()
                     inputs.replace_hidden([_hidden(block(*a, **k)) for a, k in inputs.calls])
                     report.add_time("forward", time.perf_counter() - start)
         else:
-            everything = {n: m for layers in per_block for n, m in layers.items()}
-            accumulators, handles = _attach_accumulators(everything, config.hessian_dtype)
+            saved = [checkpoints.load(i) if checkpoints else None for i in range(len(blocks))]
+            todo = {n: m for layers, done in zip(per_block, saved) if done is None for n, m in layers.items()}
+            accumulators, handles = _attach_accumulators(todo, config.hessian_dtype)
             start = time.perf_counter()
             try:
-                for batch in batches:
+                for batch in batches if todo else ():
                     run_batch(batch)
             finally:
                 for h in handles:
@@ -197,7 +232,11 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
             for i, layers in enumerate(per_block):
                 if on_block:
                     on_block(i, len(blocks))
-                _prune_layers(layers, accumulators, i, config, report, on_layer)
+                if saved[i] is not None:
+                    _restore_block(layers, saved[i], report, on_layer)
+                else:
+                    _prune_layers(layers, accumulators, i, config, report, on_layer)
+                    _finish_block(i, layers, report, checkpoints)
     finally:
         model.train(was_training)
     return report
