@@ -112,7 +112,12 @@ class OptimaPruning(pl.Callback):
             return
         batches = self.calibration_batches(trainer)
         model = self.target_model(pl_module)
-        self.report = self.prune(model, batches, lambda b: self.forward(model, trainer.strategy.batch_to_device(b)))
+        reduce_sum = None
+        if trainer.world_size > 1:  # data-parallel calibration: sum Hessians over the strategy's processes
+            def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+                return trainer.strategy.reduce(t, reduce_op="sum")
+        self.report = self.prune(model, batches, lambda b: self.forward(model, trainer.strategy.batch_to_device(b)),
+                                 reduce_sum)
         self.masks = {name: keep.to(pl_module.device) for name, keep in self.report.masks.items()}
         self.publish(trainer)
 
@@ -133,7 +138,11 @@ class OptimaPruning(pl.Callback):
         return inner if isinstance(inner, nn.Module) else pl_module
 
     def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
-        """The first ``calibration_samples`` sequences of the fit's train dataloader."""
+        """The first ``calibration_samples`` sequences of the fit's train dataloader.
+
+        Under a data-parallel strategy each process takes its share from its own shard.
+        """
+        wanted = -(-self.calibration_samples // trainer.world_size)
         trainer.fit_loop.setup_data()
         loader = trainer.train_dataloader
         if loader is None:
@@ -142,18 +151,19 @@ class OptimaPruning(pl.Callback):
         for batch in loader:
             batches.append(batch)
             seen += _batch_size(batch)
-            if seen >= self.calibration_samples:
+            if seen >= wanted:
                 break
         if not batches:
             raise ValueError("the calibration set (train dataloader) is empty")
-        if seen < self.calibration_samples:
-            warnings.warn(f"calibration asked for {self.calibration_samples} sequences, the train dataloader "
-                          f"gave {seen}", UserWarning)
-        elif seen > self.calibration_samples:  # trim the last batch so exactly the asked number is used
-            batches[-1] = _take(batches[-1], _batch_size(batches[-1]) - (seen - self.calibration_samples))
+        if seen < wanted:
+            warnings.warn(f"calibration asked for {wanted} sequences (this process), the train "
+                          f"dataloader gave {seen}", UserWarning)
+        elif seen > wanted:  # trim the last batch so exactly the asked number is used
+            batches[-1] = _take(batches[-1], _batch_size(batches[-1]) - (seen - wanted))
         return batches
 
-    def prune(self, model: nn.Module, batches: list[Any], run_batch: Callable[[Any], Any]) -> PruneReport:
+    def prune(self, model: nn.Module, batches: list[Any], run_batch: Callable[[Any], Any],
+              reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PruneReport:
         """Walk the model with a progress display; restore ``use_cache`` afterwards."""
         config = getattr(model, "config", None)
         use_cache = getattr(config, "use_cache", None)
@@ -174,7 +184,8 @@ class OptimaPruning(pl.Callback):
                     progress.update(layers_task, advance=1, description=f"{record.name} ({record.shape[0]} rows)")
 
                 report = prune_model(model, batches, run_batch, self.config, self.selection, self.sequential,
-                                     on_layer=on_layer, on_block=on_block, resume_dir=self.resume_dir)
+                                     on_layer=on_layer, on_block=on_block, resume_dir=self.resume_dir,
+                                     reduce_sum=reduce_sum)
                 progress.update(blocks_task, completed=len(find_blocks(model)[1]))
         finally:
             if use_cache is not None:

@@ -6,6 +6,7 @@ thing calibration has to keep per layer (d_in x d_in), never the activations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,12 @@ class HessianAccumulator:
         """Fold in a partial sum computed elsewhere (another process, a resumed run)."""
         self.sum += other_sum.to(self.sum)
         self.tokens += int(other_tokens)
+
+    def reduce_(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum the Hessian and token count over processes with ``reduce_sum`` (e.g. a DDP all-reduce)."""
+        self.sum = reduce_sum(self.sum)
+        self.tokens = int(reduce_sum(torch.tensor(float(self.tokens), dtype=torch.float64,
+                                                  device=self.sum.device)).item())
 
     def finalize(self) -> torch.Tensor:
         """Return the mean Hessian ``X^T X / tokens`` (the scale does not change the optimum)."""

@@ -121,10 +121,13 @@ def _attach_accumulators(layers: dict[str, nn.Module], dtype: torch.dtype) -> tu
 
 
 def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianAccumulator], block: int,
-                  config: PruneConfig, report: PruneReport, on_layer: Callable[[LayerRecord], None] | None) -> None:
+                  config: PruneConfig, report: PruneReport, on_layer: Callable[[LayerRecord], None] | None,
+                  reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
     for name, layer in layers.items():
         acc = accumulators.pop(name)
         start = time.perf_counter()
+        if reduce_sum is not None:
+            acc.reduce_(reduce_sum)
         hessian = acc.finalize()
         pattern = config.pattern_for(name)
         result = prune_weight(weight_rows(layer).detach(), hessian, sparsity=pattern.sparsity if not pattern.structured
@@ -166,14 +169,17 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
                 selection: LayerSelection = LayerSelection(), sequential: bool = True,
                 on_layer: Callable[[LayerRecord], None] | None = None,
                 on_block: Callable[[int, int], None] | None = None,
-                resume_dir: str | None = None) -> PruneReport:
+                resume_dir: str | None = None,
+                reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PruneReport:
     """Prune every selected linear layer of ``model`` in place; return the report.
 
     ``run_batch(batch)`` runs the model's forward on one calibration batch.
     ``on_layer`` is called after each layer, ``on_block(i, n)`` before each block.
     With ``resume_dir`` every finished block is checkpointed there, and a rerun of the
     same pruning (same options, model layers and batches) picks up after the last one,
-    giving the same weights as an uninterrupted run.
+    giving the same weights as an uninterrupted run. ``reduce_sum`` sums a tensor over
+    processes (data-parallel calibration: each process feeds its own shard of batches,
+    Hessians are summed before solving, so every process computes the same weights).
     """
     prefix, blocks = find_blocks(model)
     names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks))]
@@ -211,7 +217,7 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
                         for h in handles:
                             h.remove()
                     report.add_time("forward+hessian", time.perf_counter() - start)
-                    _prune_layers(layers, accumulators, i, config, report, on_layer)
+                    _prune_layers(layers, accumulators, i, config, report, on_layer, reduce_sum)
                     _finish_block(i, layers, report, checkpoints)
                 if i + 1 < len(blocks):
                     start = time.perf_counter()
@@ -235,7 +241,7 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
                 if saved[i] is not None:
                     _restore_block(layers, saved[i], report, on_layer)
                 else:
-                    _prune_layers(layers, accumulators, i, config, report, on_layer)
+                    _prune_layers(layers, accumulators, i, config, report, on_layer, reduce_sum)
                     _finish_block(i, layers, report, checkpoints)
     finally:
         model.train(was_training)

@@ -180,7 +180,7 @@ def test_calibration_uses_exactly_the_requested_sequences():
 def test_fewer_sequences_than_asked_warns_and_uses_them_all():
     model = tiny_llama()
     cb = callback(calibration_samples=16)
-    with pytest.warns(UserWarning, match="calibration asked for 16 sequences, the train dataloader gave 8"):
+    with pytest.warns(UserWarning, match=r"calibration asked for 16 sequences \(this process\), the train dataloader gave 8"):
         make_trainer([cb]).fit(Wrapper(model), loader(TokenData(n=8)))
     assert {r.tokens for r in cb.report.layers} == {8 * SEQ}
     for name in cb.masks:

@@ -1,0 +1,67 @@
+"""Data-parallel calibration with Lightning's DDP strategy (2 CPU processes, gloo)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+# argv: devices, output folder. Each process saves its pruned weights as rank<N>.pt.
+SCRIPT = textwrap.dedent("""
+    import sys, torch, lightning as L
+    from torch.utils.data import DataLoader
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from callbacks import OptimaPruning
+
+    class Wrapper(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+            self.model = LlamaForCausalLM(config)
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    devices, out = int(sys.argv[1]), sys.argv[2]
+    data = [{"input_ids": ids} for ids in torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(1))]
+    module = Wrapper()
+    pruning = OptimaPruning(sparsity=0.5, mask="wanda", update="optima", calibration_samples=16, compile=False,
+                            progress=False, solver_dtype="float64", hessian_dtype="float64")
+    trainer = L.Trainer(max_epochs=0, accelerator="cpu", devices=devices,
+                        strategy="ddp" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning])
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    torch.save({"weights": module.model.state_dict(), "tokens": [r.tokens for r in pruning.report.layers]},
+               f"{out}/rank{trainer.global_rank}.pt")
+""")
+
+
+def _run(tmp_path, devices: int, out) -> None:
+    script = tmp_path / "ddp_prune.py"
+    script.write_text(SCRIPT)
+    out.mkdir()
+    done = subprocess.run([sys.executable, str(script), str(devices), str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_calibration_equals_single_process(tmp_path):
+    _run(tmp_path, 2, tmp_path / "ddp")
+    _run(tmp_path, 1, tmp_path / "single")
+    rank0, rank1 = torch.load(tmp_path / "ddp" / "rank0.pt"), torch.load(tmp_path / "ddp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    # every layer's Hessian saw all 16 x 24 tokens, summed over both processes
+    assert rank0["tokens"] == rank1["tokens"] == single["tokens"] == [16 * 24] * len(single["tokens"])
+    for key, value in single["weights"].items():
+        assert torch.equal(rank0["weights"][key], rank1["weights"][key]), key  # ranks agree exactly
+        assert torch.equal(rank0["weights"][key] == 0, value == 0), key          # same masks
+        torch.testing.assert_close(rank0["weights"][key], value, rtol=1e-5, atol=1e-6)
+    q = single["weights"]["model.layers.1.self_attn.q_proj.weight"]
+    assert (q == 0).float().mean() == 0.5
