@@ -43,11 +43,6 @@ class HessianAccumulator:
         self.sum.addmm_(x.T, x)
         self.tokens += x.shape[0]
 
-    def merge_(self, other_sum: torch.Tensor, other_tokens: int) -> None:
-        """Fold in a partial sum computed elsewhere (another process, a resumed run)."""
-        self.sum += other_sum.to(self.sum)
-        self.tokens += int(other_tokens)
-
     def reduce_(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the Hessian and token count over processes with ``reduce_sum`` (e.g. a DDP all-reduce)."""
         self.sum = reduce_sum(self.sum)
