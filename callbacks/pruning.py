@@ -57,7 +57,9 @@ class OptimaPruning(pl.Callback):
     wrapper around a transformers model), else the LightningModule itself. Calibration
     uses the first ``calibration_samples`` sequences of the fit's train dataloader. With
     ``resume_dir`` each finished block is checkpointed, and a rerun after an interruption
-    continues from the last finished block.
+    continues from the last finished block. With ``execution_device`` (e.g. "cuda") the
+    model can stay in CPU memory (Trainer on the CPU) while each block visits the device
+    in turn: models larger than the device's memory prune block by block.
     """
 
     def __init__(self, sparsity: float | dict[str, float] | None = 0.5, default_sparsity: float | None = 0.5,
@@ -67,7 +69,8 @@ class OptimaPruning(pl.Callback):
                  skip_attention: bool = False, damp: float = 0.01, blocksize: int = 128,
                  solver_method: str = "auto", preconditioner: str = "hinv", solver_tol: float = 1e-6,
                  solver_dtype: str = "float32", compile: bool = True, hessian_dtype: str = "float32",
-                 report_path: str | None = None, resume_dir: str | None = None, progress: bool = True,
+                 report_path: str | None = None, resume_dir: str | None = None,
+                 execution_device: str | None = None, progress: bool = True,
                  forward: Callable[[nn.Module, Any], Any] | None = None) -> None:
         super().__init__()
         if calibration_samples < 1:
@@ -87,6 +90,7 @@ class OptimaPruning(pl.Callback):
         self.sequential = sequential
         self.report_path = report_path
         self.resume_dir = resume_dir
+        self.execution_device = execution_device
         self.progress = progress
         self.forward = forward or default_forward
         self.masks: dict[str, torch.Tensor] = {}
@@ -185,7 +189,7 @@ class OptimaPruning(pl.Callback):
 
                 report = prune_model(model, batches, run_batch, self.config, self.selection, self.sequential,
                                      on_layer=on_layer, on_block=on_block, resume_dir=self.resume_dir,
-                                     reduce_sum=reduce_sum)
+                                     reduce_sum=reduce_sum, execution_device=self.execution_device)
                 progress.update(blocks_task, completed=len(find_blocks(model)[1]))
         finally:
             if use_cache is not None:

@@ -69,6 +69,10 @@ class BlockInputs:
     def __len__(self) -> int:
         return len(self.calls)
 
+    def to(self, device: torch.device | str) -> None:
+        """Move every tensor of every call (nested in tuples/dicts too) to ``device``."""
+        self.calls = [(_move(args, device), _move(kwargs, device)) for args, kwargs in self.calls]
+
     def replace_hidden(self, outputs: list[torch.Tensor]) -> None:
         """Feed each batch's block output in as the next block's hidden states."""
         new = []
@@ -78,6 +82,16 @@ class BlockInputs:
             else:
                 new.append(((), {**kwargs, "hidden_states": hidden}))
         self.calls = new
+
+
+def _move(obj: Any, device: torch.device | str) -> Any:
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -170,7 +184,8 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
                 on_layer: Callable[[LayerRecord], None] | None = None,
                 on_block: Callable[[int, int], None] | None = None,
                 resume_dir: str | None = None,
-                reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PruneReport:
+                reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                execution_device: torch.device | str | None = None) -> PruneReport:
     """Prune every selected linear layer of ``model`` in place; return the report.
 
     ``run_batch(batch)`` runs the model's forward on one calibration batch.
@@ -180,6 +195,9 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
     giving the same weights as an uninterrupted run. ``reduce_sum`` sums a tensor over
     processes (data-parallel calibration: each process feeds its own shard of batches,
     Hessians are summed before solving, so every process computes the same weights).
+    ``execution_device`` (sequential mode) offloads: the model stays where it is (e.g. CPU
+    memory) and each block visits that device (e.g. a GPU) only while it is calibrated,
+    pruned and run, so a model larger than the device's memory can be pruned.
     """
     prefix, blocks = find_blocks(model)
     names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks))]
@@ -200,10 +218,15 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
         if sequential:
             start = time.perf_counter()
             inputs = capture_block_inputs(model, batches, run_batch)
+            if execution_device is not None:
+                inputs.to(execution_device)
             report.add_time("forward", time.perf_counter() - start)
             for i, (block, layers) in enumerate(zip(blocks, per_block)):
                 if on_block:
                     on_block(i, len(blocks))
+                home = next(block.parameters()).device
+                if execution_device is not None:
+                    block.to(execution_device)
                 saved = checkpoints.load(i) if checkpoints else None
                 if saved is not None:
                     _restore_block(layers, saved, report, on_layer)
@@ -223,6 +246,7 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
                     start = time.perf_counter()
                     inputs.replace_hidden([_hidden(block(*a, **k)) for a, k in inputs.calls])
                     report.add_time("forward", time.perf_counter() - start)
+                block.to(home)
         else:
             saved = [checkpoints.load(i) if checkpoints else None for i in range(len(blocks))]
             todo = {n: m for layers, done in zip(per_block, saved) if done is None for n, m in layers.items()}
