@@ -87,6 +87,14 @@ def damp_hessian(hessian: torch.Tensor, frac: float) -> tuple[torch.Tensor, Damp
     return h, Damping(frac=frac, value=value, dead_inputs=int(dead.sum()))
 
 
+def add_damping(hessian: torch.Tensor, damping: Damping) -> tuple[torch.Tensor, Damping]:
+    """Ten times the damping (at least 1e-8 of mean diag): the escalation step after a failed factorization."""
+    extra = max(damping.value, 1e-8 * hessian.diagonal().mean().item()) * 9.0
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    return hessian + extra * eye, Damping(frac=damping.frac, value=damping.value + extra,
+                                          dead_inputs=damping.dead_inputs)
+
+
 def cholesky_escalating(hessian: torch.Tensor, damping: Damping,
                         tries: int = 6) -> tuple[torch.Tensor, torch.Tensor, Damping]:
     """Cholesky factor of a damped Hessian, adding damping x10 per failed try.
@@ -99,7 +107,5 @@ def cholesky_escalating(hessian: torch.Tensor, damping: Damping,
         factor, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0 and torch.isfinite(factor).all():
             return h, factor, damping
-        extra = max(damping.value, 1e-8 * h.diagonal().mean().item()) * 9.0
-        h = h + extra * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        damping = Damping(frac=damping.frac, value=damping.value + extra, dead_inputs=damping.dead_inputs)
+        h, damping = add_damping(h, damping)
     raise torch.linalg.LinAlgError(f"Hessian is not positive definite even with damping {damping.value:.3g}")

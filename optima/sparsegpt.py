@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from optima.hessian import Damping, cholesky_escalating, damp_hessian
+from optima.hessian import Damping, add_damping, cholesky_escalating, damp_hessian
 from optima.masks import Pattern
 
 
@@ -29,9 +29,14 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, 
     if pattern.structured:
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
     h, damping = damp_hessian(hessian, damp)
-    _, chol, damping = cholesky_escalating(h, damping)
-    hinv = torch.cholesky_inverse(chol)
-    upper = torch.linalg.cholesky(hinv, upper=True)
+    for _ in range(6):  # both H and its inverse must factor; near-singular H can fail the second
+        h, chol, damping = cholesky_escalating(h, damping)
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        if info.item() == 0 and torch.isfinite(upper).all():
+            break
+        h, damping = add_damping(h, damping)
+    else:
+        raise torch.linalg.LinAlgError(f"inverse Hessian does not factor even with damping {damping.value:.3g}")
 
     w = weight.to(h.dtype).clone()
     keep = torch.ones(rows, d_in, dtype=torch.bool, device=w.device)
