@@ -149,6 +149,9 @@ def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianA
                               damp=config.damp, solver_options=config.solver, blocksize=config.blocksize)
         set_weight_rows(layer, result.weight)
         report.masks[name] = result.keep.cpu()
+        if acc.tokens < acc.d_in:
+            result.stats.notes.append(f"{acc.tokens} calibration tokens for {acc.d_in} inputs: H is rank-deficient, "
+                                      "damping decides the null space")
         record = LayerRecord(name, block, tuple(result.weight.shape), pattern.sparsity, acc.tokens, result.stats)
         report.layers.append(record)
         report.add_time("mask", result.stats.seconds_mask)
