@@ -51,13 +51,12 @@ def test_nan_activation_stops_the_run_naming_the_layer():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_prunes_in_float32_and_keeps_its_dtype(dtype):
     model = tiny_llama(dtype)
-    batches = list(torch.randint(0, 64, (8, 16)).split(4))
+    batches = list(torch.randint(0, 64, (2, 24)).split(1))  # 48 tokens: fewer than down_proj's 64 inputs
     report = prune_model(model, batches, lambda b: model(input_ids=b, use_cache=False),
                          PruneConfig(solver=SolverOptions(compile=False)))
     for record in report.layers:
         assert record.stats.objective < record.stats.objective_none, record.name
-        if record.tokens < record.shape[1]:  # 32 tokens per batch x 2 batches vs d_in 64 in down_proj
-            assert any("rank-deficient" in note for note in record.stats.notes), record.name
+        assert any("rank-deficient" in note for note in record.stats.notes) == (record.shape[1] == 64), record.name
     for name, keep in report.masks.items():
         weight = model.get_submodule(name).weight
         assert weight.dtype == dtype
