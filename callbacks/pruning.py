@@ -63,9 +63,8 @@ class OptimaPruning(pl.Callback):
     """
 
     def __init__(self, sparsity: float | dict[str, float] | None = 0.5, default_sparsity: float | None = 0.5,
-                 pattern: str = "unstructured",
-                 mask: str = "wanda", update: str = "optima", calibration_samples: int = 128,
-                 sequential: bool = True, targets: list[str] | None = None, ignore: list[str] | None = None,
+                 pattern: str = "unstructured", mask: str = "wanda", update: str = "optima",
+                 calibration_samples: int = 128, sequential: bool = True, targets: list[str] | None = None, ignore: list[str] | None = None,
                  skip_attention: bool = False, damp: float = 0.01, blocksize: int = 128,
                  solver_method: str = "auto", preconditioner: str = "hinv", solver_tol: float = 1e-6,
                  solver_dtype: str = "float32", compile: bool = True, hessian_dtype: str = "float32",
@@ -82,8 +81,8 @@ class OptimaPruning(pl.Callback):
         solver = SolverOptions(method=solver_method, preconditioner=preconditioner, tol=solver_tol,
                                dtype=dtypes[solver_dtype], compile=compile)
         self.config = PruneConfig(sparsity=sparsity, default_sparsity=default_sparsity, pattern=pattern, mask=mask,
-                                  update=update, damp=damp,
-                                  blocksize=blocksize, hessian_dtype=dtypes[hessian_dtype], solver=solver)
+                                  update=update, damp=damp, blocksize=blocksize,
+                                  hessian_dtype=dtypes[hessian_dtype], solver=solver)
         self.selection = LayerSelection(targets=tuple(targets or ()), ignore=tuple(ignore or ("lm_head",)),
                                         skip_attention=skip_attention)
         self.calibration_samples = calibration_samples
