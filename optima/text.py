@@ -37,7 +37,8 @@ def read_text(source: str) -> str:
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:
     """All token ids of ``text`` as one long 1-D tensor (no special tokens)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # verbose=False: the whole text is longer than the model's context on purpose (it is windowed next)
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
