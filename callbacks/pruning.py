@@ -67,7 +67,7 @@ class OptimaPruning(pl.Callback):
                  calibration_samples: int = 128, sequential: bool = True, targets: list[str] | None = None, ignore: list[str] | None = None,
                  skip_attention: bool = False, damp: float = 0.01, blocksize: int = 128,
                  solver_method: str = "auto", preconditioner: str = "hinv", solver_tol: float = 1e-6,
-                 solver_dtype: str = "float32", compile: bool = True, hessian_dtype: str = "float32",
+                 solver_dtype: str = "float32", compile: bool | None = None, hessian_dtype: str = "float32",
                  report_path: str | None = None, resume_dir: str | None = None,
                  execution_device: str | None = None, progress: bool = True,
                  forward: Callable[[nn.Module, Any], Any] | None = None) -> None:
