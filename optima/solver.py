@@ -41,7 +41,8 @@ class SolverOptions:
     max_iter: int = 2000            # CG iterations per Newton step
     max_newton: int = 50            # projected-Newton iterations (1 suffices with pins only)
     dtype: torch.dtype = torch.float32
-    compile: bool = True            # torch.compile the CG iteration (eager fallback on failure)
+    compile: bool | None = None     # torch.compile the CG step; None: on CUDA only (on the CPU the
+                                    # compile time, paid per layer shape, outweighs the gain)
     memory_budget: int | None = None  # bytes for one batch of rows; None: a share of free memory
     check_every: int = 8            # CG iterations between convergence checks (host syncs)
 
@@ -104,10 +105,10 @@ def _cg_step(x, r, p, rz, matrix, precond, free, threshold):
 _compiled_step = None
 
 
-def _step_fn(compile: bool):
+def _step_fn(compile: bool | None, device: torch.device):
     """The CG iteration, compiled once per process when asked (eager if that fails)."""
     global _compiled_step
-    if not compile:
+    if not (compile if compile is not None else device.type == "cuda"):
         return _cg_step
     if _compiled_step is None:
         _compiled_step = torch.compile(_cg_step, dynamic=False, fullgraph=True)
@@ -129,7 +130,7 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: to
     p = z.clone()
     rz = (r * z).sum(1)
     iterations = torch.zeros(rows, dtype=torch.int64, device=rhs.device)
-    step = _step_fn(options.compile)
+    step = _step_fn(options.compile, rhs.device)
     done = 0
     while done < options.max_iter:
         for _ in range(min(options.check_every, options.max_iter - done)):
@@ -207,8 +208,12 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
                 break
             yb = _line_search(yb, step, g, l, u, hs)
         kkt[sl] = _projected_gradient_norm(yb, yb @ hs, l, u) / g0
+        if box.any():                              # general bounds: converged means a KKT point too
+            converged[sl] &= kkt[sl] <= options.tol
         y[sl] = yb
-    return QPResult(delta=y * scale, converged=converged, cg_iterations=cg_iters, kkt_residual=kkt,
+    # back to weight units, exactly feasible: entries at a bound (pins included) get the bound itself
+    delta = (y * scale).clamp_(lower, upper).where(y > lo, lower).where(y < hi, upper)
+    return QPResult(delta=delta, converged=converged, cg_iterations=cg_iters, kkt_residual=kkt,
                     newton_iterations=newton, method="pcg", damping=damping)
 
 
