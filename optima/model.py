@@ -72,12 +72,15 @@ class LayerSelection:
         return chosen
 
 
+def layers_by_block(model: nn.Module, selection: LayerSelection) -> list[dict[str, nn.Module]]:
+    """The selected linear layers of each block, in block order (a block may have none)."""
+    prefix, blocks = find_blocks(model)
+    per_block = [selection.select(block, f"{prefix}.{i}" if prefix else str(i)) for i, block in enumerate(blocks)]
+    if not any(per_block):
+        raise ValueError("no linear layer matches the targets/ignore settings")
+    return per_block
+
+
 def linear_layers(model: nn.Module, selection: LayerSelection) -> dict[str, nn.Module]:
     """Every selected linear layer of every block, in block order."""
-    prefix, blocks = find_blocks(model)
-    layers: dict[str, nn.Module] = {}
-    for i, block in enumerate(blocks):
-        layers.update(selection.select(block, f"{prefix}.{i}" if prefix else str(i)))
-    if not layers:
-        raise ValueError("no linear layer matches the targets/ignore settings")
-    return layers
+    return {name: layer for layers in layers_by_block(model, selection) for name, layer in layers.items()}

@@ -20,7 +20,7 @@ from torch import nn
 
 from optima.config import PruneConfig
 from optima.hessian import HessianAccumulator
-from optima.model import LayerSelection, find_blocks, set_weight_rows, weight_rows
+from optima.model import LayerSelection, find_blocks, layers_by_block, set_weight_rows, weight_rows
 from optima.prune import PruneStats, prune_weight
 from optima.resume import BlockCheckpoints, fingerprint
 
@@ -202,11 +202,8 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
     memory) and each block visits that device (e.g. a GPU) only while it is calibrated,
     pruned and run, so a model larger than the device's memory can be pruned.
     """
-    prefix, blocks = find_blocks(model)
-    names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks))]
-    per_block = [selection.select(block, name) for block, name in zip(blocks, names)]
-    if not any(per_block):
-        raise ValueError("no linear layer matches the targets/ignore settings")
+    _, blocks = find_blocks(model)
+    per_block = layers_by_block(model, selection)
     for layers in per_block:
         for name, layer in layers.items():
             config.pattern_for(name).check(weight_rows(layer).shape[1])
