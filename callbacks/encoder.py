@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from callbacks.lm import save_pretrained_atomic
 from optima.evaluate import overall_sparsity
 from optima.loading import load_model, load_tokenizer
-from optima.text import check_source, random_windows, read_text, tokenize
+from optima.text import check_source, encoder_windows, read_text, tokenize
 
 
 def sentence_embeddings(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -131,11 +131,8 @@ class SentenceData(pl.LightningDataModule):
         tokenizer = load_tokenizer(hp.tokenizer)
         if self.calibration_set is None:
             # full windows of real text between [CLS] and [SEP]: no padding reaches the Hessians
-            ids = tokenize(read_text(hp.calibration), tokenizer)
-            windows = random_windows(ids, hp.seq_len - 2, hp.calibration_samples, hp.seed)
-            cls = torch.full((len(windows), 1), tokenizer.cls_token_id)
-            sep = torch.full((len(windows), 1), tokenizer.sep_token_id)
-            ids = torch.cat([cls, windows, sep], dim=1)
+            ids = encoder_windows(tokenize(read_text(hp.calibration), tokenizer), tokenizer, hp.seq_len,
+                                  hp.calibration_samples, hp.seed)
             self.calibration_set = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in ids]
         if self.evaluation_set is None and hp.evaluation is not None:
             sentences = split_sentences(read_text(hp.evaluation))[: hp.eval_sentences]

@@ -175,9 +175,10 @@ class OptimaPruning(pl.Callback):
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), disable=not self.progress, transient=False)
         n_layers = len(linear_layers(model, self.selection))
+        n_blocks = len(find_blocks(model)[1])
         try:
             with progress:
-                blocks_task = progress.add_task("blocks", total=len(find_blocks(model)[1]))
+                blocks_task = progress.add_task("blocks", total=n_blocks)
                 layers_task = progress.add_task("layers", total=n_layers)
 
                 def on_block(i: int, n: int) -> None:
@@ -189,7 +190,7 @@ class OptimaPruning(pl.Callback):
                 report = prune_model(model, batches, run_batch, self.config, self.selection, self.sequential,
                                      on_layer=on_layer, on_block=on_block, resume_dir=self.resume_dir,
                                      reduce_sum=reduce_sum, execution_device=self.execution_device)
-                progress.update(blocks_task, completed=len(find_blocks(model)[1]))
+                progress.update(blocks_task, completed=n_blocks)
         finally:
             if use_cache is not None:
                 config.use_cache = use_cache

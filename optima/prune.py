@@ -107,11 +107,13 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
     h = hessian.to(w.dtype)
     start = time.perf_counter()
 
-    greedy = None
+    greedy, greedy_damping = None, None
     if keep is not None:
+        if update == "sparsegpt":
+            raise ValueError("update='sparsegpt' chooses its own mask as it goes; it cannot take a given keep mask")
         keep = keep.to(device=device, dtype=torch.bool)
     elif mask == "sparsegpt":
-        greedy, keep, _ = sparsegpt(w, h, pat, blocksize=blocksize, damp=damp)
+        greedy, keep, greedy_damping = sparsegpt(w, h, pat, blocksize=blocksize, damp=damp)
     else:
         scores = magnitude_scores(w) if mask == "magnitude" else wanda_scores(w, h)
         keep = mask_from_scores(scores, pat)
@@ -126,7 +128,10 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
     if update == "none":
         new = masked
     elif update == "sparsegpt":
-        new = greedy if greedy is not None else sparsegpt(w, h, pat, blocksize=blocksize, damp=damp)[0]
+        new = greedy
+        if greedy_damping.value > damping.value:
+            stats.notes.append(f"damping raised to {greedy_damping.value:.3g} to factor H for SparseGPT")
+            stats.damping = greedy_damping.value
     else:
         new = _optima_update(w, damped, keep, damping, options, stats)
     new = new * keep  # pruned entries are exact zeros whatever the arithmetic did

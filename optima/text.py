@@ -51,6 +51,14 @@ def random_windows(ids: torch.Tensor, seq_len: int, samples: int, seed: int) -> 
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+def encoder_windows(ids: torch.Tensor, tokenizer, seq_len: int, samples: int, seed: int) -> torch.Tensor:
+    """Random windows of real text framed as ``[CLS] ... [SEP]``, ``seq_len`` tokens in all (no padding)."""
+    windows = random_windows(ids, seq_len - 2, samples, seed)
+    cls = torch.full((samples, 1), tokenizer.cls_token_id)
+    sep = torch.full((samples, 1), tokenizer.sep_token_id)
+    return torch.cat([cls, windows, sep], dim=1)
+
+
 def consecutive_windows(ids: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
     """Non-overlapping windows covering the text from the start (a short tail is dropped)."""
     n = ids.numel() // seq_len

