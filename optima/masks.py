@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-MASK_SELECTORS = ("magnitude", "wanda", "sparsegpt")
+MASK_SELECTORS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thanos")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,16 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
 def wanda_scores(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """Wanda's |W| * ||X_col||_2, with ||X_col||^2 read off diag(H)."""
     return weight.abs().float() * hessian.diagonal().clamp_min(0).sqrt().to(torch.float32)
+
+
+def magnitude_mask(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Keep-mask of the magnitude selector."""
+    return mask_from_scores(magnitude_scores(weight), pattern)
+
+
+def wanda_mask(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Keep-mask of Wanda: lowest |W| * ||X_col|| pruned within each output row (or N:M group)."""
+    return mask_from_scores(wanda_scores(weight, hessian), pattern)
 
 
 def mask_from_scores(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:

@@ -12,11 +12,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from optima.hessian import Damping, damp_hessian
-from optima.masks import MASK_SELECTORS, Pattern, magnitude_scores, mask_from_scores, parse_pattern, wanda_scores
+from optima.masks import MASK_SELECTORS, Pattern, magnitude_mask, parse_pattern, wanda_mask
 from optima.solver import SolverOptions, solve_pinned
-from optima.sparsegpt import sparsegpt
+from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
+from optima.thanos import thanos
 
-UPDATES = ("none", "sparsegpt", "optima")
+UPDATES = ("none", "sparsegpt", "thanos", "optima")
+# Selectors that update the weights as they choose the mask: (weight, H, pattern, blocksize, damp)
+# -> (updated weight, keep, damping). Their own update is named after the method ("sparsegpt", "thanos").
+GREEDY_SELECTORS = {"sparsegpt": sparsegpt, "sparsegpt-rowwise": sparsegpt_rowwise, "thanos": thanos}
 
 
 @dataclass
@@ -74,8 +78,9 @@ def validate_options(sparsity: float | None, pattern: str, mask: str, update: st
         raise ValueError(f"unknown mask selector {mask!r}; choose from {MASK_SELECTORS}")
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; choose from {UPDATES}")
-    if update == "sparsegpt" and mask != "sparsegpt":
-        raise ValueError("update='sparsegpt' is SparseGPT's own greedy update and needs mask='sparsegpt'")
+    if update in ("sparsegpt", "thanos") and not mask.startswith(update):
+        raise ValueError(f"update={update!r} is {update}'s own update, made while it chooses the mask: "
+                         f"it needs mask={update!r}")
     return parse_pattern(pattern, sparsity)
 
 
@@ -109,14 +114,13 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
 
     greedy, greedy_damping = None, None
     if keep is not None:
-        if update == "sparsegpt":
-            raise ValueError("update='sparsegpt' chooses its own mask as it goes; it cannot take a given keep mask")
+        if update in ("sparsegpt", "thanos"):
+            raise ValueError(f"update={update!r} chooses its own mask as it goes; it cannot take a given keep mask")
         keep = keep.to(device=device, dtype=torch.bool)
-    elif mask == "sparsegpt":
-        greedy, keep, greedy_damping = sparsegpt(w, h, pat, blocksize=blocksize, damp=damp)
+    elif mask in GREEDY_SELECTORS:
+        greedy, keep, greedy_damping = GREEDY_SELECTORS[mask](w, h, pat, blocksize=blocksize, damp=damp)
     else:
-        scores = magnitude_scores(w) if mask == "magnitude" else wanda_scores(w, h)
-        keep = mask_from_scores(scores, pat)
+        keep = magnitude_mask(w, pat) if mask == "magnitude" else wanda_mask(w, h, pat)
     seconds_mask = time.perf_counter() - start
 
     masked = w * keep
@@ -127,10 +131,10 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
     t_update = time.perf_counter()
     if update == "none":
         new = masked
-    elif update == "sparsegpt":
+    elif update in ("sparsegpt", "thanos"):
         new = greedy
         if greedy_damping.value > damping.value:
-            stats.notes.append(f"damping raised to {greedy_damping.value:.3g} to factor H for SparseGPT")
+            stats.notes.append(f"damping raised to {greedy_damping.value:.3g} to factor H for {mask}")
             stats.damping = greedy_damping.value
     else:
         new = _optima_update(w, damped, keep, damping, options, stats)
