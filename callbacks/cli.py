@@ -10,8 +10,6 @@ the dense model before the fit and the pruned one after it, and prints both.
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
@@ -47,7 +45,7 @@ class OptimaCLI(LightningCLI):
             table.add_row(key, _fmt(self.dense_metrics.get(key)), _fmt(pruned.get(key)))
         console = Console(width=200) if not Console().is_terminal else Console()
         console.print(table)
-        console.print(f"protocol: {_protocol(self.datamodule)}")
+        console.print(f"protocol: {self.datamodule.protocol() if hasattr(self.datamodule, 'protocol') else '-'}")
 
     def _validate(self) -> dict[str, float]:
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
@@ -56,12 +54,6 @@ class OptimaCLI(LightningCLI):
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
-
-
-def _protocol(datamodule: pl.LightningDataModule) -> str:
-    hp: Any = datamodule.hparams
-    return ", ".join(f"{k}={hp.get(k)}" for k in ("calibration", "evaluation", "seq_len", "calibration_samples",
-                                                  "eval_windows", "seed") if k in hp)
 
 
 def main(args: list[str] | None = None) -> None:

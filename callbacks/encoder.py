@@ -140,6 +140,13 @@ class SentenceData(pl.LightningDataModule):
                 raise ValueError(f"evaluation text {hp.evaluation} has no sentences")
             self.evaluation_set = self._encode(tokenizer, sentences)
 
+    def protocol(self) -> str:
+        """How the numbers were measured, printed beside them."""
+        hp = self.hparams
+        return (f"calibration={hp.calibration} ({hp.calibration_samples} windows of {hp.seq_len} tokens, "
+                f"seed={hp.seed}), evaluation={hp.evaluation} (first {hp.eval_sentences} sentences), "
+                "metric=cosine of mean-pooled embeddings, pruned vs dense")
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.calibration_set, batch_size=self.hparams.batch_size)
 

@@ -23,7 +23,7 @@ from torchmetrics.text import Perplexity
 
 from optima.evaluate import block_output_errors, layer_sparsity, overall_sparsity
 from optima.loading import load_model, load_tokenizer
-from optima.text import check_source, consecutive_windows, random_windows, read_text, tokenize
+from optima.text import bos_token_id, check_source, consecutive_windows, prefix_token, random_windows, read_text, tokenize
 
 
 class CausalLM(pl.LightningModule):
@@ -44,7 +44,7 @@ class CausalLM(pl.LightningModule):
         self.save_hyperparameters()
         self.model = load_model(model, "causal_lm", dtype)
         self.dense: torch.nn.Module | None = None
-        self.perplexity = Perplexity(ignore_index=-100)
+        self.perplexity = torch.nn.ModuleDict()  # one torchmetrics Perplexity per evaluation text
         self.block_errors: list[float] | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -63,40 +63,47 @@ class CausalLM(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch: dict, prefix: str) -> None:
+    def _evaluate(self, batch: dict) -> None:
         ids = batch["input_ids"]
+        key = batch.get("text", [""])[0] or "_"  # "_": the one unnamed text (ModuleDict keys cannot be empty)
+        if key not in self.perplexity:
+            self.perplexity[key] = Perplexity(ignore_index=-100).to(self.device)
         logits = self(ids).logits.float()
-        self.perplexity.update(logits[:, :-1], ids[:, 1:])
-        self.log(f"{prefix}/perplexity", self.perplexity, on_epoch=True, prog_bar=True)
+        self.perplexity[key].update(logits[:, :-1], ids[:, 1:])
 
-    def _fresh_metric(self) -> None:
+    def _fresh_metrics(self) -> None:
         # a reset inside inference mode would leave inference tensors that a later
         # (no_grad) validation inside fit could not update; reset outside it
         with torch.inference_mode(False):
-            self.perplexity.reset()
+            for metric in self.perplexity.values():
+                metric.reset()
 
     def on_validation_epoch_start(self) -> None:
-        self._fresh_metric()
+        self._fresh_metrics()
 
     def on_test_epoch_start(self) -> None:
-        self._fresh_metric()
+        self._fresh_metrics()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_structure("val")
+        self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_structure("test")
+        self._log_epoch("test")
 
-    def _log_structure(self, prefix: str) -> None:
+    def _log_epoch(self, prefix: str) -> None:
+        """Log every metric of the epoch: perplexity per text, sparsity, per-block errors."""
+        for key, metric in self.perplexity.items():
+            if metric.update_called:
+                self.log(f"{prefix}/perplexity" if key == "_" else f"{prefix}/{key}_perplexity", metric.compute())
         self.log(f"{prefix}/sparsity", overall_sparsity(self.model))
         if self.dense is not None and self.trainer.datamodule is not None:
-            loader = self.trainer.datamodule.val_dataloader()
+            loader = self.trainer.datamodule.val_dataloader()[0]
             self.dense.to(self.device)
             self.block_errors = block_output_errors(
                 self.dense, self.model, [next(iter(loader))],
@@ -144,49 +151,76 @@ class TextData(pl.LightningDataModule):
     """Calibration windows (train) and evaluation windows (validation/test) of tokenized text.
 
     Args:
-        tokenizer: tokenizer spec (hub id, folder, llama2.c ``tok*.bin``).
+        tokenizer: tokenizer spec (hub id, folder, llama2.c ``tok*.bin``, ``gguf:PACKAGE``).
         calibration: local text file or ``dataset:NAME[:CONFIG]:SPLIT``.
-        evaluation: the same, for perplexity; None skips evaluation.
-        seq_len: tokens per window.
+        evaluation: text(s) for perplexity: one source, or ``{name: source}`` for several
+            (logged as ``val/NAME_perplexity``); None skips perplexity.
+        seq_len: tokens per window, the BOS token included when one is used.
         calibration_samples: number of random calibration windows (seeded).
-        eval_windows: cap on evaluation windows (None: the whole text).
+        batch_size: windows per batch.
+        eval_windows: cap on evaluation windows per text (None: the whole text).
+        seed: seed of the calibration windows.
+        bos: start every window with the tokenizer's BOS token; None (default) does so when the
+            tokenizer adds a BOS to a plain encode, as the model saw text in training.
     """
 
-    def __init__(self, tokenizer: str, calibration: str, evaluation: str | None = None, seq_len: int = 128,
-                 calibration_samples: int = 128, batch_size: int = 8, eval_windows: int | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, tokenizer: str, calibration: str, evaluation: str | dict[str, str] | None = None,
+                 seq_len: int = 128, calibration_samples: int = 128, batch_size: int = 8,
+                 eval_windows: int | None = None, seed: int = 0, bos: bool | None = None) -> None:
         super().__init__()
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         if calibration_samples < 1 or batch_size < 1:
             raise ValueError("calibration_samples and batch_size must be >= 1")
         check_source(calibration)
-        if evaluation is not None:
-            check_source(evaluation)
+        for source in self.evaluation_sources(evaluation).values():
+            check_source(source)
         self.save_hyperparameters()
+        self.bos: int | None = None
         self.calibration_ids: torch.Tensor | None = None
-        self.evaluation_ids: torch.Tensor | None = None
+        self.evaluation_ids: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def evaluation_sources(evaluation: str | dict[str, str] | None) -> dict[str, str]:
+        """``{name: source}`` of the perplexity texts; a single source has the empty name."""
+        if evaluation is None:
+            return {}
+        return {"": evaluation} if isinstance(evaluation, str) else dict(evaluation)
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
+        if self.calibration_ids is not None:
+            return
         tokenizer = load_tokenizer(hp.tokenizer)
-        if self.calibration_ids is None:
-            ids = tokenize(read_text(hp.calibration), tokenizer)
-            self.calibration_ids = random_windows(ids, hp.seq_len, hp.calibration_samples, hp.seed)
-        if self.evaluation_ids is None and hp.evaluation is not None:
-            ids = tokenize(read_text(hp.evaluation), tokenizer)
-            self.evaluation_ids = consecutive_windows(ids, hp.seq_len, hp.eval_windows)
+        detected = bos_token_id(tokenizer)
+        self.bos = detected if hp.bos is None else (tokenizer.bos_token_id if hp.bos else None)
+        if hp.bos and self.bos is None:
+            raise ValueError(f"bos=True, but the tokenizer {hp.tokenizer} has no BOS token")
+        text_len = hp.seq_len - (self.bos is not None)
+        ids = tokenize(read_text(hp.calibration), tokenizer)
+        self.calibration_ids = prefix_token(random_windows(ids, text_len, hp.calibration_samples, hp.seed), self.bos)
+        for name, source in self.evaluation_sources(hp.evaluation).items():
+            ids = tokenize(read_text(source), tokenizer)
+            self.evaluation_ids[name] = prefix_token(consecutive_windows(ids, text_len, hp.eval_windows), self.bos)
 
-    def _loader(self, windows: torch.Tensor | None) -> DataLoader:
-        if windows is None:
-            raise ValueError("no evaluation text configured (data.evaluation)")
-        return DataLoader([{"input_ids": w} for w in windows], batch_size=self.hparams.batch_size)
+    def protocol(self) -> str:
+        """How the numbers were measured, printed beside them."""
+        hp = self.hparams
+        texts = ", ".join(f"{name or 'perplexity'}={source} ({len(self.evaluation_ids.get(name, ()))} windows)"
+                          for name, source in self.evaluation_sources(hp.evaluation).items())
+        return (f"calibration={hp.calibration} ({hp.calibration_samples} random windows, seed={hp.seed}), "
+                f"{texts}, seq_len={hp.seq_len}, bos={'none' if self.bos is None else self.bos}")
+
+    def _loader(self, windows: torch.Tensor, name: str = "") -> DataLoader:
+        return DataLoader([{"input_ids": w, "text": name} for w in windows], batch_size=self.hparams.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.calibration_ids)
+        return DataLoader([{"input_ids": w} for w in self.calibration_ids], batch_size=self.hparams.batch_size)
 
-    def val_dataloader(self) -> DataLoader | list:
-        return [] if self.hparams.evaluation is None else self._loader(self.evaluation_ids)
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(windows, name) for name, windows in self.evaluation_ids.items()]
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.evaluation_ids)
+    def test_dataloader(self) -> list[DataLoader]:
+        if not self.evaluation_ids:
+            raise ValueError("no evaluation text configured (data.evaluation)")
+        return self.val_dataloader()

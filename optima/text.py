@@ -4,6 +4,8 @@ Text comes from a local file (``assets:REL`` for the offline assets folder) or, 
 ``dataset:NAME[:CONFIG]:SPLIT`` (e.g. ``dataset:wikitext:wikitext-2-raw-v1:test``).
 Calibration draws ``samples`` random windows with a fixed seed; evaluation cuts the
 concatenated text into consecutive non-overlapping windows (the WikiText-2 protocol).
+Windows start the way the model saw sequences in training: with the tokenizer's BOS token
+when its plain encode adds one (Llama, Gemma), with text alone when it does not (GPT-2, SmolLM2).
 """
 
 from __future__ import annotations
@@ -40,6 +42,23 @@ def tokenize(text: str, tokenizer) -> torch.Tensor:
     # verbose=False: the whole text is longer than the model's context on purpose (it is windowed next)
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts in front of a plain ``tokenizer(text)``, or None if it adds none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if ids and ids[0] == bos and ids[1:] == bare else None
+
+
+def prefix_token(windows: torch.Tensor, token: int | None) -> torch.Tensor:
+    """Put ``token`` in front of every window (no change when ``token`` is None)."""
+    if token is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), token, dtype=windows.dtype), windows], dim=1)
 
 
 def random_windows(ids: torch.Tensor, seq_len: int, samples: int, seed: int) -> torch.Tensor:
