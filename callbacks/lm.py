@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity
 
 from optima.evaluate import block_output_errors, layer_sparsity, overall_sparsity
-from optima.loading import load_model, load_tokenizer
+from optima.loading import load_model, load_tokenizer, resolve_path
+from optima.zeroshot import (ChoiceAccuracy, ChoiceItem, batch_loglikelihoods, build_requests, collate_requests,
+                             logits_to_keep, read_jsonl)
 from optima.text import bos_token_id, check_source, consecutive_windows, prefix_token, random_windows, read_text, tokenize
 
 
@@ -45,6 +47,7 @@ class CausalLM(pl.LightningModule):
         self.model = load_model(model, "causal_lm", dtype)
         self.dense: torch.nn.Module | None = None
         self.perplexity = torch.nn.ModuleDict()  # one torchmetrics Perplexity per evaluation text
+        self.zero_shot = torch.nn.ModuleDict()   # one ChoiceAccuracy per zero-shot set
         self.block_errors: list[float] | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -64,6 +67,9 @@ class CausalLM(pl.LightningModule):
         return loss
 
     def _evaluate(self, batch: dict) -> None:
+        if "task" in batch:
+            self._score_choices(batch)
+            return
         ids = batch["input_ids"]
         key = batch.get("text", [""])[0] or "_"  # "_": the one unnamed text (ModuleDict keys cannot be empty)
         if key not in self.perplexity:
@@ -71,11 +77,21 @@ class CausalLM(pl.LightningModule):
         logits = self(ids).logits.float()
         self.perplexity[key].update(logits[:, :-1], ids[:, 1:])
 
+    def _score_choices(self, batch: dict) -> None:
+        """Zero-shot: the summed log-likelihood of each (context, ending) request of the batch."""
+        name = batch["task"]
+        if name not in self.zero_shot:
+            self.zero_shot[name] = ChoiceAccuracy(self.trainer.datamodule.choice_items[name]).to(self.device)
+        # the LM head only on the positions that score an ending
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                            logits_to_keep=logits_to_keep(batch["labels"])).logits
+        self.zero_shot[name].update(batch["item"], batch["choice"], batch_loglikelihoods(logits, batch["labels"]))
+
     def _fresh_metrics(self) -> None:
         # a reset inside inference mode would leave inference tensors that a later
         # (no_grad) validation inside fit could not update; reset outside it
         with torch.inference_mode(False):
-            for metric in self.perplexity.values():
+            for metric in [*self.perplexity.values(), *self.zero_shot.values()]:
                 metric.reset()
 
     def on_validation_epoch_start(self) -> None:
@@ -101,6 +117,10 @@ class CausalLM(pl.LightningModule):
         for key, metric in self.perplexity.items():
             if metric.update_called:
                 self.log(f"{prefix}/perplexity" if key == "_" else f"{prefix}/{key}_perplexity", metric.compute())
+        for name, metric in self.zero_shot.items():
+            if metric.update_called:
+                for key, value in metric.compute().items():
+                    self.log(f"{prefix}/{name}_{key}", value.float())
         self.log(f"{prefix}/sparsity", overall_sparsity(self.model))
         if self.dense is not None and self.trainer.datamodule is not None:
             loader = self.trainer.datamodule.val_dataloader()[0]
@@ -162,20 +182,28 @@ class TextData(pl.LightningDataModule):
         seed: seed of the calibration windows.
         bos: start every window with the tokenizer's BOS token; None (default) does so when the
             tokenizer adds a BOS to a plain encode, as the model saw text in training.
+        zero_shot: ``{name: JSONL file}`` of multiple-choice items (``ctx``, ``choices``, ``label``)
+            scored zero-shot as lm-eval-harness does (logged as ``val/NAME_acc`` and ``_acc_norm``).
+        zero_shot_items: cap on items per zero-shot set (None: all).
+        max_length: context length for zero-shot sequences (longer ones are cut from the left).
     """
 
     def __init__(self, tokenizer: str, calibration: str, evaluation: str | dict[str, str] | None = None,
                  seq_len: int = 128, calibration_samples: int = 128, batch_size: int = 8,
-                 eval_windows: int | None = None, seed: int = 0, bos: bool | None = None) -> None:
+                 eval_windows: int | None = None, seed: int = 0, bos: bool | None = None,
+                 zero_shot: dict[str, str] | None = None, zero_shot_items: int | None = None,
+                 max_length: int = 2048) -> None:
         super().__init__()
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         if calibration_samples < 1 or batch_size < 1:
             raise ValueError("calibration_samples and batch_size must be >= 1")
         check_source(calibration)
-        for source in self.evaluation_sources(evaluation).values():
+        for source in [*self.evaluation_sources(evaluation).values(), *(zero_shot or {}).values()]:
             check_source(source)
         self.save_hyperparameters()
+        self.choice_items: dict[str, list[ChoiceItem]] = {}
+        self.choice_requests: dict[str, list] = {}
         self.bos: int | None = None
         self.calibration_ids: torch.Tensor | None = None
         self.evaluation_ids: dict[str, torch.Tensor] = {}
@@ -202,14 +230,20 @@ class TextData(pl.LightningDataModule):
         for name, source in self.evaluation_sources(hp.evaluation).items():
             ids = tokenize(read_text(source), tokenizer)
             self.evaluation_ids[name] = prefix_token(consecutive_windows(ids, text_len, hp.eval_windows), self.bos)
+        for name, source in (hp.zero_shot or {}).items():
+            self.choice_items[name] = read_jsonl(resolve_path(source))[: hp.zero_shot_items]
+            # bos=None lets the tokenizer add its own special tokens, as the auto-detected windows do
+            self.choice_requests[name] = build_requests(self.choice_items[name], tokenizer, hp.max_length, hp.bos)
 
     def protocol(self) -> str:
         """How the numbers were measured, printed beside them."""
         hp = self.hparams
         texts = ", ".join(f"{name or 'perplexity'}={source} ({len(self.evaluation_ids.get(name, ()))} windows)"
                           for name, source in self.evaluation_sources(hp.evaluation).items())
+        choices = "".join(f", {name}={source} ({len(self.choice_items.get(name, ()))} items, zero-shot acc/acc_norm)"
+                          for name, source in (hp.zero_shot or {}).items())
         return (f"calibration={hp.calibration} ({hp.calibration_samples} random windows, seed={hp.seed}), "
-                f"{texts}, seq_len={hp.seq_len}, bos={'none' if self.bos is None else self.bos}")
+                f"{texts}{choices}, seq_len={hp.seq_len}, bos={'none' if self.bos is None else self.bos}")
 
     def _loader(self, windows: torch.Tensor, name: str = "") -> DataLoader:
         return DataLoader([{"input_ids": w, "text": name} for w in windows], batch_size=self.hparams.batch_size)
@@ -218,9 +252,13 @@ class TextData(pl.LightningDataModule):
         return DataLoader([{"input_ids": w} for w in self.calibration_ids], batch_size=self.hparams.batch_size)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(windows, name) for name, windows in self.evaluation_ids.items()]
+        texts = [self._loader(windows, name) for name, windows in self.evaluation_ids.items()]
+        choices = [DataLoader(requests, batch_size=self.hparams.batch_size,
+                              collate_fn=lambda batch, name=name: {**collate_requests(batch), "task": name})
+                   for name, requests in self.choice_requests.items()]
+        return texts + choices
 
     def test_dataloader(self) -> list[DataLoader]:
-        if not self.evaluation_ids:
-            raise ValueError("no evaluation text configured (data.evaluation)")
+        if not self.evaluation_ids and not self.choice_requests:
+            raise ValueError("no evaluation configured (data.evaluation or data.zero_shot)")
         return self.val_dataloader()

@@ -1,19 +1,30 @@
 """Mask selection: which weights of each row to zero.
 
 A keep-mask is a boolean tensor shaped like the weight, True where the weight
-survives. Two patterns exist: ``unstructured`` (the same number of weights pruned
-in every row) and ``N:M`` (in every group of M consecutive inputs of a row at most
-N are kept, NVIDIA's convention). Scores rank weights: the lowest are pruned.
+survives. Two patterns exist: ``unstructured`` (a sparsity ratio) and ``N:M`` (in
+every group of M consecutive inputs of a row at most N are kept, NVIDIA's
+convention). Scores rank weights: the lowest are pruned.
+
+An unstructured selector compares its scores within a *scope*, as the method's
+reference code does: ``"row"`` (every output row loses int(d_in * sparsity),
+Wanda), ``"layer"`` (one threshold over the whole weight, int(numel * sparsity)
+pruned, magnitude in the Wanda code) or ``"block"`` (one threshold over all rows of
+each block of columns, SparseGPT). Counts are floored, as the references do.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 MASK_SELECTORS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thanos")
+Scope = Literal["row", "block", "layer"]
+# Where each selector compares its scores for unstructured sparsity (N:M is always per group of a row).
+MASK_SCOPES: dict[str, Scope] = {"magnitude": "layer", "wanda": "row", "sparsegpt": "block",
+                                 "sparsegpt-rowwise": "row"}
 
 
 @dataclass(frozen=True)
@@ -31,11 +42,24 @@ class Pattern:
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.structured else f"unstructured {self.sparsity:.0%}"
 
+    def pruned_count(self, n: int) -> int:
+        """How many of ``n`` weights compared together an unstructured selection prunes: int(n * sparsity)."""
+        return int(n * self.sparsity)
+
     def pruned_per_row(self, d_in: int) -> int:
-        """How many weights every row loses."""
+        """How many weights a row loses under an N:M pattern or a per-row unstructured selection."""
         if self.structured:
             return (d_in // self.m) * (self.m - self.n)
-        return int(round(self.sparsity * d_in))
+        return self.pruned_count(d_in)
+
+    def pruned_per_block(self, rows: int, d_in: int, blocksize: int) -> list[int]:
+        """How many weights each block of ``blocksize`` columns (all rows together) loses.
+
+        Block ``[i1, i2)`` loses ``pruned_count(rows * i2) - pruned_count(rows * i1)``: every
+        block its floored or ceiled share, the whole layer exactly ``pruned_count(rows * d_in)``.
+        """
+        return [self.pruned_count(rows * min(i1 + blocksize, d_in)) - self.pruned_count(rows * i1)
+                for i1 in range(0, d_in, blocksize)]
 
     def check(self, d_in: int) -> None:
         """Raise if this pattern cannot be applied to rows of width ``d_in``."""
@@ -75,37 +99,65 @@ def wanda_scores(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
 
 
 def magnitude_mask(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Keep-mask of the magnitude selector."""
-    return mask_from_scores(magnitude_scores(weight), pattern)
+    """Keep-mask of the magnitude selector: lowest |W| of the whole layer (or of each N:M group)."""
+    return mask_from_scores(magnitude_scores(weight), pattern, scope="layer")
 
 
 def wanda_mask(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Keep-mask of Wanda: lowest |W| * ||X_col|| pruned within each output row (or N:M group)."""
-    return mask_from_scores(wanda_scores(weight, hessian), pattern)
+    return mask_from_scores(wanda_scores(weight, hessian), pattern, scope="row")
 
 
-def mask_from_scores(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Keep-mask that prunes the lowest scores of every row (or of every N:M group)."""
-    rows, d_in = scores.shape
-    pattern.check(d_in)
-    if pattern.structured:
-        groups = scores.reshape(rows, d_in // pattern.m, pattern.m)
-        drop = groups.topk(pattern.m - pattern.n, dim=-1, largest=False).indices
-        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
-        return keep.reshape(rows, d_in)
-    k = pattern.pruned_per_row(d_in)
+def prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask pruning the ``count`` lowest scores along the last dimension (ties: lower index first)."""
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if k:
-        keep.scatter_(1, scores.topk(k, dim=1, largest=False).indices, False)
+    if count:
+        keep.scatter_(-1, scores.argsort(dim=-1, stable=True)[..., :count], False)
     return keep
 
 
-def check_mask(keep: torch.Tensor, pattern: Pattern) -> None:
-    """Raise if ``keep`` does not follow ``pattern`` exactly."""
+def prune_nm(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Keep-mask pruning the ``M - N`` lowest scores of every group of ``M`` consecutive inputs of a row."""
+    rows, d_in = scores.shape
+    groups = scores.reshape(rows, d_in // pattern.m, pattern.m)
+    drop = groups.topk(pattern.m - pattern.n, dim=-1, largest=False).indices
+    return torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False).reshape(rows, d_in)
+
+
+def mask_from_scores(scores: torch.Tensor, pattern: Pattern, scope: Literal["row", "layer"] = "row") -> torch.Tensor:
+    """Keep-mask that prunes the lowest scores of every row or of the whole layer (or of every N:M group)."""
+    rows, d_in = scores.shape
+    pattern.check(d_in)
+    if pattern.structured:
+        return prune_nm(scores, pattern)
+    if scope == "row":
+        return prune_lowest(scores, pattern.pruned_per_row(d_in))
+    if scope == "layer":
+        return prune_lowest(scores.reshape(-1), pattern.pruned_count(scores.numel())).reshape(rows, d_in)
+    raise ValueError(f"unknown scope {scope!r} for a score mask; use 'row' or 'layer'")
+
+
+def check_mask(keep: torch.Tensor, pattern: Pattern, scope: Scope = "row", blocksize: int = 128) -> None:
+    """Raise if ``keep`` does not follow ``pattern`` exactly in ``scope`` (see the module docstring).
+
+    ``blocksize`` is the column block of the ``"block"`` scope. N:M masks are checked per group.
+    """
     rows, d_in = keep.shape
+    pruned = ~keep
     if pattern.structured:
         kept = keep.reshape(rows, d_in // pattern.m, pattern.m).sum(-1)
         if (kept > pattern.n).any():
             raise AssertionError(f"mask breaks the {pattern.n}:{pattern.m} pattern")
-    elif ((~keep).sum(1) != pattern.pruned_per_row(d_in)).any():
-        raise AssertionError("mask does not prune the same number of weights in every row")
+    elif scope == "row":
+        if (pruned.sum(1) != pattern.pruned_per_row(d_in)).any():
+            raise AssertionError(f"mask does not prune {pattern.pruned_per_row(d_in)} weights in every row")
+    elif scope == "layer":
+        if int(pruned.sum()) != pattern.pruned_count(keep.numel()):
+            raise AssertionError(f"mask prunes {int(pruned.sum())} weights, not {pattern.pruned_count(keep.numel())}")
+    elif scope == "block":
+        counts = [int(pruned[:, i1:i1 + blocksize].sum()) for i1 in range(0, d_in, blocksize)]
+        expected = pattern.pruned_per_block(rows, d_in, blocksize)
+        if counts != expected:
+            raise AssertionError(f"mask prunes {counts} weights per block of {blocksize} columns, not {expected}")
+    else:
+        raise ValueError(f"unknown scope {scope!r}; use 'row', 'block' or 'layer'")

@@ -4,26 +4,39 @@ Columns are visited left to right. A pruned column's error is compensated only i
 the columns to its right (through the upper Cholesky factor of H^-1), which is why
 the result is not the per-row optimum that OPTIMA computes for the same mask.
 Masks are chosen per block of ``blocksize`` columns from the weights as already
-updated by earlier blocks (the paper's lazy-batch scheme).
+updated by earlier blocks (the paper's lazy-batch scheme), on the OBS saliency
+w^2 / [chol(H^-1)]_jj^2: for unstructured sparsity with one threshold over all rows
+of the block, as the reference code does (``sparsegpt``; rows end up unevenly
+pruned), or the same count in every row (``sparsegpt_rowwise``); for N:M per group
+of M inputs of each row, chosen when the group is reached.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from optima.hessian import Damping, add_damping, cholesky_escalating, damp_hessian
-from optima.masks import Pattern
+from optima.masks import Pattern, prune_lowest, prune_nm
 
 
 @torch.no_grad()
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, blocksize: int = 128,
-              damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, Damping]:
+              damp: float = 0.01, scope: Literal["block", "row"] = "block"
+              ) -> tuple[torch.Tensor, torch.Tensor, Damping]:
     """Prune ``weight`` with SparseGPT; return (updated weight, keep-mask, damping used).
 
     Works in the Hessian's dtype; the returned weight has that dtype too.
-    Unstructured: every row loses exactly ``pattern.pruned_per_row(d_in)`` weights,
-    spread over blocks in proportion to their width.
+    Unstructured, ``scope="block"`` (the reference rule): each block of columns prunes
+    its lowest-saliency weights over all rows together, ``pattern.pruned_per_block``
+    of them, so the layer loses exactly int(numel * sparsity); the reference prunes
+    ``saliency <= sorted[int(block numel * sparsity)]``, one weight more per block (ties aside).
+    ``scope="row"``: every row loses ``pattern.pruned_per_row(d_in)``, spread over the
+    blocks in proportion to their width.
     """
+    if scope not in ("block", "row"):
+        raise ValueError(f"unknown SparseGPT scope {scope!r}; use 'block' or 'row'")
     rows, d_in = weight.shape
     pattern.check(d_in)
     if pattern.structured:
@@ -40,24 +53,22 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, 
 
     w = weight.to(h.dtype).clone()
     keep = torch.ones(rows, d_in, dtype=torch.bool, device=w.device)
-    for i1 in range(0, d_in, blocksize):
+    # weights each block loses: over all its rows together, or in each row (rows=1 gives the per-row share)
+    drops = pattern.pruned_per_block(rows if scope == "block" else 1, d_in, blocksize)
+    for i1, drop in zip(range(0, d_in, blocksize), drops):
         i2 = min(i1 + blocksize, d_in)
         u_block = upper[i1:i2, i1:i2]
         block = w[:, i1:i2].clone()
         errors = torch.zeros_like(block)
         saliency = block.pow(2) / u_block.diagonal().pow(2)
         if not pattern.structured:
-            drop = round(pattern.sparsity * i2) - round(pattern.sparsity * i1)
-            if drop:
-                idx = saliency.topk(drop, dim=1, largest=False).indices
-                keep[:, i1:i2].scatter_(1, idx, False)
+            scores = saliency.reshape(-1) if scope == "block" else saliency
+            keep[:, i1:i2] = prune_lowest(scores, drop).reshape(saliency.shape)
         for j in range(i2 - i1):
             col = i1 + j
             if pattern.structured and j % pattern.m == 0:
-                group = (block[:, j:j + pattern.m].pow(2)
-                         / u_block.diagonal()[j:j + pattern.m].pow(2))
-                idx = group.topk(pattern.m - pattern.n, dim=1, largest=False).indices
-                keep[:, col:col + pattern.m].scatter_(1, idx, False)
+                group = block[:, j:j + pattern.m].pow(2) / u_block.diagonal()[j:j + pattern.m].pow(2)
+                keep[:, col:col + pattern.m] = prune_nm(group, pattern)
             w_col = block[:, j]
             q_col = w_col * keep[:, col]
             err = (w_col - q_col) / u_block[j, j]
@@ -70,4 +81,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, 
     return w, keep, damping
 
 
-sparsegpt_rowwise = sparsegpt  # placeholder until the reference rule lands
+def sparsegpt_rowwise(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, blocksize: int = 128,
+                      damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, Damping]:
+    """SparseGPT with the same number of weights pruned in every row (not the reference rule)."""
+    return sparsegpt(weight, hessian, pattern, blocksize=blocksize, damp=damp, scope="row")

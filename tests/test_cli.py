@@ -17,7 +17,7 @@ import yaml
 
 from callbacks.lm import CausalLM, TextData
 from callbacks.pruning import OptimaPruning
-from optima.llama2c import load_llama2c
+from optima.llama2c import load_llama2c, load_llama2c_tokenizer
 from optima.loading import assets_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +102,38 @@ def test_fit_prunes_saves_and_reloads(tmp_path, dense):
     assert pruned_ppl == pytest.approx(perplexity(pruned), rel=1e-3)
     assert pruned_ppl > dense_ppl
     assert table_values(run.stdout, "val/sparsity") == [0.0, 0.5]
-    assert "(8 random windows, seed=0)" in run.stdout and "(4 windows), seq_len=64, bos=1" in run.stdout
+    # zero-shot rows agree with the engine's scorer on the same 16 items, for both models
+    from optima.zeroshot import evaluate_choices, read_jsonl
+
+    items = read_jsonl(assets_dir() / "hellaswag-2way" / "dev.jsonl")[:16]
+    tokenizer = load_llama2c_tokenizer(assets_dir() / "stories260K" / "tok512.bin")
+    for metric in ("acc", "acc_norm"):
+        expected = [evaluate_choices(m, tokenizer, items)[metric] for m in (dense, pruned)]
+        assert table_values(run.stdout, f"val/hellaswag_{metric}") == pytest.approx(expected, abs=1e-4)
+    assert f"pruned model written to {tmp_path / 'pruned'}" in run.stdout
+    assert f"report written to {tmp_path / 'report.json'}" in run.stdout
+    assert "hellaswag=assets:hellaswag-2way/dev.jsonl (16 items, zero-shot acc/acc_norm)" in run.stdout
+    assert "(8 random windows, seed=0)" in run.stdout and "test.txt (4 windows)" in run.stdout
+    assert "seq_len=64, bos=1" in run.stdout
+
+
+def test_lm_eval_section_runs_local_tasks_on_dense_and_pruned(tmp_path):
+    """The recipe's lm_eval section through lm-eval-harness agrees with the built-in zero-shot rows."""
+    pytest.importorskip("lm_eval")
+    from test_zeroshot import TASK_YAML
+
+    items = tmp_path / "items.jsonl"
+    lines = (assets_dir() / "hellaswag-2way" / "dev.jsonl").read_text().splitlines(keepends=True)[:16]
+    items.write_text("".join(lines))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "task.yaml").write_text(TASK_YAML.format(data=json.dumps(str(items))))
+    run = optima("fit", "--config", str(RECIPE), "--lm_eval.tasks=[hellaswag2_local]",
+                 f"--lm_eval.include_path={tasks}", "--lm_eval.batch_size=8", outputs=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for metric in ("acc", "acc_norm"):
+        theirs = table_values(run.stdout, f"lm_eval/hellaswag2_local_{metric}")
+        assert len(theirs) == 2 and theirs == table_values(run.stdout, f"val/hellaswag_{metric}")
 
 
 def test_fit_2of4_one_pass(tmp_path):
@@ -146,9 +177,10 @@ def test_optima_console_script_runs_the_cli():
 def test_validate_evaluates_the_dense_model_without_pruning(tmp_path, dense):
     run = optima("validate", "--config", str(RECIPE), outputs=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    (ppl,) = table_values(run.stdout, "val/perplexity")
-    assert ppl == pytest.approx(perplexity(dense), rel=1e-5)
-    assert table_values(run.stdout, "val/sparsity") == [0.0]
+    # Lightning's table has a column per dataloader (perplexity windows, zero-shot items); epoch metrics repeat
+    ppl, *same = table_values(run.stdout, "val/perplexity")
+    assert ppl == pytest.approx(perplexity(dense), rel=1e-5) and set(same) <= {ppl}
+    assert set(table_values(run.stdout, "val/sparsity")) == {0.0}
     assert not (tmp_path / "report.json").exists() and not (tmp_path / "pruned").exists()
 
 

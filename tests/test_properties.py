@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from optima import SolverOptions, parse_pattern, prune_weight
-from optima.masks import check_mask
+from optima.masks import MASK_SCOPES, check_mask
 
 
 @st.composite
@@ -22,7 +22,7 @@ def problems(draw):
     scale = draw(st.sampled_from([1e-3, 1.0, 1e4]))                # huge dynamic range too
     dead = draw(st.integers(0, d // 4))
     return dict(pattern=pattern, d=d, rows=rows, tokens=tokens, sparsity=sparsity, seed=seed, scale=scale,
-                dead=dead, mask=draw(st.sampled_from(["magnitude", "wanda", "sparsegpt"])),
+                dead=dead, mask=draw(st.sampled_from(["magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise"])),
                 method=draw(st.sampled_from(["direct", "pcg"])),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
                 damp=draw(st.sampled_from([0.0, 0.01, 0.1])))
@@ -37,12 +37,12 @@ def test_pruning_never_breaks_its_promises(p):
     if p["dead"]:
         x[:, -p["dead"]:] = 0
     weight = torch.randn(p["rows"], p["d"], generator=g).to(p["dtype"])
-    update = "sparsegpt" if p["mask"] == "sparsegpt" and p["seed"] % 2 else "optima"
+    update = "sparsegpt" if p["mask"].startswith("sparsegpt") and p["seed"] % 2 else "optima"
     result = prune_weight(weight, x.T @ x / p["tokens"], sparsity=p["sparsity"], pattern=p["pattern"],
                           mask=p["mask"], update=update, damp=p["damp"],
                           solver_options=SolverOptions(method=p["method"], compile=False))
     assert result.weight.dtype == p["dtype"]
     assert torch.isfinite(result.weight).all()
     assert (result.weight[~result.keep] == 0).all()
-    check_mask(result.keep, parse_pattern(p["pattern"], p["sparsity"]))
+    check_mask(result.keep, parse_pattern(p["pattern"], p["sparsity"]), MASK_SCOPES[p["mask"]])
     assert result.stats.objective <= result.stats.objective_none

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import correlated_hessian, damped_objective, exact_update
-from optima import SolverOptions, prune_weight, reconstruction_objective
+from optima import SolverOptions, parse_pattern, prune_weight, reconstruction_objective
+from optima.masks import MASK_SCOPES, check_mask
 
 EAGER = SolverOptions(compile=False)
 
@@ -31,7 +32,9 @@ def test_pruned_entries_are_exact_zeros_and_stats_add_up(layer, mask, update, pa
         assert torch.equal(result.weight, weight * result.keep)
     stats = result.stats
     assert stats.sparsity == pytest.approx(float((result.weight == 0).float().mean()))
-    assert stats.sparsity >= (0.6 if sparsity else 0.5) - 1e-9
+    check_mask(result.keep, parse_pattern(pattern, sparsity), MASK_SCOPES[mask])   # exact count in its scope
+    assert stats.sparsity >= float((~result.keep).float().mean())
+    assert stats.sparsity >= (int(0.6 * 128) / 128 if sparsity else 0.5) - 1e-9    # counts are floored
     assert stats.objective == pytest.approx(reconstruction_objective(result.weight, weight, hessian), rel=1e-9)
     assert stats.objective_none == pytest.approx(
         reconstruction_objective(weight * result.keep, weight, hessian), rel=1e-9)
