@@ -62,7 +62,9 @@ class CausalLMBench:
     def __init__(self, name: str, recipe: str) -> None:
         self.name, self.recipe = name, recipe
         config = yaml.safe_load((ROOT / recipe).read_text())
-        self.data = TextData(**config["data"]["init_args"])
+        # the CLI links pruning.calibration_samples into the data module; do the same
+        self.data = TextData(**{**config["data"]["init_args"],
+                                "calibration_samples": config["pruning"]["calibration_samples"]})
         self.data.setup("fit")
         self.dense = load_model(config["model"]["init_args"]["model"]).eval()
         self.tokenizer = load_tokenizer(self.data.hparams.tokenizer)
