@@ -24,7 +24,7 @@ MASK_SELECTORS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thano
 Scope = Literal["row", "block", "layer"]
 # Where each selector compares its scores for unstructured sparsity (N:M is always per group of a row).
 MASK_SCOPES: dict[str, Scope] = {"magnitude": "layer", "wanda": "row", "sparsegpt": "block",
-                                 "sparsegpt-rowwise": "row"}
+                                 "sparsegpt-rowwise": "row", "thanos": "layer"}
 
 
 @dataclass(frozen=True)
