@@ -201,7 +201,7 @@ def readme_section(models: list[str]) -> str:
     text = "Measured by `python bench/quality.py`; rows saved in `bench/results/`.\n\n"
     text += "\n".join(markdown(s) for s in saved)
     if speeds:
-        text += ("\nEnd-to-end pruning time at 50% unstructured, measured in the same run:\n\n"
+        text += ("\nEnd-to-end pruning time at 50% unstructured (wall clock of the rows above):\n\n"
                  "| model | Wanda+OPTIMA s | Wanda s | SparseGPT s | OPTIMA / SparseGPT | where Wanda+OPTIMA spent it |\n"
                  "|---|---:|---:|---:|---:|---|\n" + "\n".join(speeds) + "\n")
     return text
