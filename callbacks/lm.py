@@ -23,9 +23,9 @@ from torchmetrics.text import Perplexity
 
 from optima.evaluate import block_output_errors, layer_sparsity, overall_sparsity
 from optima.loading import load_model, load_tokenizer, resolve_path
+from optima.text import bos_token_id, check_source, consecutive_windows, prefix_token, random_windows, read_text, tokenize
 from optima.zeroshot import (ChoiceAccuracy, ChoiceItem, batch_loglikelihoods, build_requests, collate_requests,
                              logits_to_keep, read_jsonl)
-from optima.text import bos_token_id, check_source, consecutive_windows, prefix_token, random_windows, read_text, tokenize
 
 
 class CausalLM(pl.LightningModule):
@@ -220,8 +220,7 @@ class TextData(pl.LightningDataModule):
         if self.calibration_ids is not None:
             return
         tokenizer = load_tokenizer(hp.tokenizer)
-        detected = bos_token_id(tokenizer)
-        self.bos = detected if hp.bos is None else (tokenizer.bos_token_id if hp.bos else None)
+        self.bos = bos_token_id(tokenizer) if hp.bos is None else (tokenizer.bos_token_id if hp.bos else None)
         if hp.bos and self.bos is None:
             raise ValueError(f"bos=True, but the tokenizer {hp.tokenizer} has no BOS token")
         text_len = hp.seq_len - (self.bos is not None)
