@@ -17,7 +17,8 @@ from optima.solver import SolverOptions, solve_pinned
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 from optima.thanos import thanos
 
-UPDATES = ("none", "sparsegpt", "thanos", "optima")
+OWN_UPDATES = ("sparsegpt", "thanos")  # a selector's own update, made while it chooses the mask
+UPDATES = ("none", *OWN_UPDATES, "optima")
 # Selectors that update the weights as they choose the mask: (weight, H, pattern, blocksize, damp)
 # -> (updated weight, keep, damping). Their own update is named after the method ("sparsegpt", "thanos").
 GREEDY_SELECTORS = {"sparsegpt": sparsegpt, "sparsegpt-rowwise": sparsegpt_rowwise, "thanos": thanos}
@@ -78,7 +79,7 @@ def validate_options(sparsity: float | None, pattern: str, mask: str, update: st
         raise ValueError(f"unknown mask selector {mask!r}; choose from {MASK_SELECTORS}")
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; choose from {UPDATES}")
-    if update in ("sparsegpt", "thanos") and not mask.startswith(update):
+    if update in OWN_UPDATES and not mask.startswith(update):
         raise ValueError(f"update={update!r} is {update}'s own update, made while it chooses the mask: "
                          f"it needs mask={update!r}")
     return parse_pattern(pattern, sparsity)
@@ -114,7 +115,7 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
 
     greedy, greedy_damping = None, None
     if keep is not None:
-        if update in ("sparsegpt", "thanos"):
+        if update in OWN_UPDATES:
             raise ValueError(f"update={update!r} chooses its own mask as it goes; it cannot take a given keep mask")
         keep = keep.to(device=device, dtype=torch.bool)
     elif mask in GREEDY_SELECTORS:
@@ -131,7 +132,7 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
     t_update = time.perf_counter()
     if update == "none":
         new = masked
-    elif update in ("sparsegpt", "thanos"):
+    elif update in OWN_UPDATES:
         new = greedy
         if greedy_damping.value > damping.value:
             stats.notes.append(f"damping raised to {greedy_damping.value:.3g} to factor H for {mask}")

@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from optima.hessian import Damping, add_damping, damp_hessian
-from optima.masks import Pattern
+from optima.masks import Pattern, prune_nm
 
 _TRIES = 6                 # damping escalations (x10 each) before giving up
 _CHUNK_ELEMENTS = 1 << 24  # rows x |S| x |S| entries of the per-row systems factored at once
@@ -103,7 +103,7 @@ def _prune(weight: torch.Tensor, norms: torch.Tensor, upper: torch.Tensor, patte
         i2 = min(i1 + blocksize, d_in)
         scores = w[:, i1:].abs() * norms[i1:]
         if pattern.structured:
-            prune = _nm_prune(scores[:, :i2 - i1], pattern)
+            prune = ~prune_nm(scores[:, :i2 - i1], pattern)
         else:
             prune = _lowest_in_block(scores, remaining, i2 - i1)
             remaining -= int(prune.sum())
@@ -116,14 +116,6 @@ def _prune(weight: torch.Tensor, norms: torch.Tensor, upper: torch.Tensor, patte
         w[:, i1:] -= lam @ hinv_cols.T
         w[:, i1:i2].masked_fill_(prune, 0.0)
     return w, keep
-
-
-def _nm_prune(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """True for the ``M - N`` lowest scores of every group of M columns of every row."""
-    rows, width = scores.shape
-    groups = scores.reshape(rows, width // pattern.m, pattern.m)
-    low = groups.topk(pattern.m - pattern.n, dim=-1, largest=False).indices
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, low, True).reshape(rows, width)
 
 
 def _lowest_in_block(scores: torch.Tensor, count: int, width: int) -> torch.Tensor:

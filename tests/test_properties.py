@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from optima import SolverOptions, parse_pattern, prune_weight
 from optima.masks import MASK_SCOPES, check_mask
+from optima.prune import OWN_UPDATES
 
 
 @st.composite
@@ -37,7 +38,7 @@ def test_pruning_never_breaks_its_promises(p):
     if p["dead"]:
         x[:, -p["dead"]:] = 0
     weight = torch.randn(p["rows"], p["d"], generator=g).to(p["dtype"])
-    own = next((u for u in ("sparsegpt", "thanos") if p["mask"].startswith(u)), None)   # the selector's own update
+    own = next((u for u in OWN_UPDATES if p["mask"].startswith(u)), None)   # the selector's own update
     update = own if own and p["seed"] % 2 else "optima"
     result = prune_weight(weight, x.T @ x / p["tokens"], sparsity=p["sparsity"], pattern=p["pattern"],
                           mask=p["mask"], update=update, damp=p["damp"],
