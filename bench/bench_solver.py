@@ -136,7 +136,51 @@ def optima_update(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tenso
     return (weight + result.delta) * keep, result
 
 
-def bench_layer(layer: Layer, args, device: torch.device, reference_rows: int, reference_cache: dict) -> None:
+def update_calls(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, args: argparse.Namespace,
+                 direct_flops: float) -> dict[str, tuple[Callable[[], object], int]]:
+    """SparseGPT and every OPTIMA update to time, each with its repeat count; the float32 direct
+    solve is left out above ``DIRECT_FLOP_LIMIT`` flops and run once above a tenth of it."""
+    configs = {"pcg": SolverOptions(method="pcg", preconditioner="hinv", tol=args.tol, compile=args.compile),
+               "jacobi": SolverOptions(method="pcg", preconditioner="jacobi", tol=args.tol, compile=args.compile),
+               "direct": SolverOptions(method="direct", compile=args.compile)}
+    if direct_flops > DIRECT_FLOP_LIMIT:
+        del configs["direct"]
+    calls = {"sparsegpt": (lambda: sparsegpt(w, h, PATTERN, damp=DAMP), args.repeats)}
+    for label, options in configs.items():
+        repeats = 1 if label == "direct" and direct_flops > DIRECT_FLOP_LIMIT / 10 else args.repeats
+        calls[label] = (lambda o=options: optima_update(w, h, keep, o), repeats)
+    return calls
+
+
+def record_times(best: dict[str, tuple], res: dict) -> dict[str, torch.Tensor]:
+    """Store each call's best time and the OPTIMA solves' CG statistics in ``res``; return the updated weights."""
+    new = {}
+    for label, (seconds, out) in best.items():
+        res[f"t_{label}"] = seconds
+        if label != "sparsegpt":
+            new[label], result = out
+            res[f"iters_{label}"] = result.cg_iterations.float()
+            res[f"unconverged_{label}"] = int((~result.converged).sum())
+    return new
+
+
+def reference_optimum(layer: Layer, w: torch.Tensor, keep: torch.Tensor, n: int, device: torch.device,
+                      reference_cache: dict) -> tuple[torch.Tensor, float]:
+    """The damped float64 Hessian and the float64 direct optimum's objective on the first ``n`` rows,
+    cached per Hessian and mask."""
+    key = (id(layer.hessian), tuple(keep[:n].flatten().tolist()))
+    if key not in reference_cache:
+        h64 = layer.hessian.to(device)
+        damped, damping = damp_hessian(h64, DAMP)
+        ref = solve_pinned(damped, w[:n].double(), keep[:n], damping,
+                           SolverOptions(method="direct", dtype="float64", compile=False))
+        reference_cache[key] = (damped, reconstruction_objective(w[:n].double() + ref.delta, w[:n], damped))
+    return reference_cache[key]
+
+
+def bench_layer(layer: Layer, args: argparse.Namespace, device: torch.device, reference_rows: int,
+                reference_cache: dict) -> None:
+    """Time every update on one layer (and their peak memory), and put each one's objective gap in its results."""
     w = layer.weight.to(device)
     h = layer.hessian.to(device=device, dtype=torch.float32)
     rows, d = w.shape
@@ -145,38 +189,17 @@ def bench_layer(layer: Layer, args, device: torch.device, reference_rows: int, r
 
     w_sgpt, keep, _ = sparsegpt(w, h, PATTERN, damp=DAMP)
     k = int(keep.sum(1).max())
-    res["auto_method"] = choose_method(d, min(k, d - k))
-    configs = {"pcg": SolverOptions(method="pcg", preconditioner="hinv", tol=args.tol, compile=args.compile),
-               "jacobi": SolverOptions(method="pcg", preconditioner="jacobi", tol=args.tol, compile=args.compile),
-               "direct": SolverOptions(method="direct", compile=args.compile)}
-    direct_flops = rows * min(k, d - k) ** 3 / 3
-    if direct_flops > DIRECT_FLOP_LIMIT:
-        del configs["direct"]
-    calls = {"sparsegpt": (lambda: sparsegpt(w, h, PATTERN, damp=DAMP), args.repeats)}
-    for label, options in configs.items():
-        repeats = 1 if label == "direct" and direct_flops > DIRECT_FLOP_LIMIT / 10 else args.repeats
-        calls[label] = (lambda o=options: optima_update(w, h, keep, o), repeats)
-    new = {}
-    for label, (seconds, out) in best_times(calls, device).items():
-        res[f"t_{label}"] = seconds
-        if label != "sparsegpt":
-            new[label], result = out
-            res[f"iters_{label}"] = result.cg_iterations.float()
-            res[f"unconverged_{label}"] = int((~result.converged).sum())
+    unknowns = min(k, d - k)
+    res["auto_method"] = choose_method(d, unknowns)
+    calls = update_calls(w, h, keep, args, direct_flops=rows * unknowns ** 3 / 3)
+    new = record_times(best_times(calls, device), res)
     if args.memory:
         for label, (fn, _) in calls.items():
             res[f"mem_{label}"] = peak_bytes(fn, device, res["base_bytes"])
 
     # the float64 direct optimum on the first rows, and every update's damped objective there
     n = min(rows, reference_rows)
-    key = (id(layer.hessian), tuple(keep[:n].flatten().tolist()))
-    if key not in reference_cache:
-        h64 = layer.hessian.to(device)
-        damped, damping = damp_hessian(h64, DAMP)
-        ref = solve_pinned(damped, w[:n].double(), keep[:n], damping,
-                           SolverOptions(method="direct", dtype=torch.float64, compile=False))
-        reference_cache[key] = (damped, reconstruction_objective(w[:n].double() + ref.delta, w[:n], damped))
-    damped, best = reference_cache[key]
+    damped, best = reference_optimum(layer, w, keep, n, device, reference_cache)
     res["reference_rows"] = n
     candidates = {"none": w * keep, "sparsegpt": w_sgpt, **new}
     res["gap"] = {label: (reconstruction_objective(v[:n], w[:n], damped) - best) / best
@@ -198,7 +221,7 @@ def memory(res: dict, label: str) -> str:
     return f"{res[f'mem_{label}'] / res['base_bytes']:.1f}x" if f"mem_{label}" in res else "skipped"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sequences", type=int, default=64, help="calibration windows for the MiniLM Hessians")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -211,14 +234,11 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the CG step (default: SolverOptions' own choice)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory table")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    console = Console(width=200)
-    start = time.perf_counter()
-    console.print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads, "
-                  f"compile={args.compile}, CG tol {args.tol:g}, best of {args.repeats}, "
-                  f"50% unstructured with the SparseGPT mask, damping {DAMP} x mean(diag H)")
+    return parser.parse_args()
 
+
+def bench_all(args: argparse.Namespace, device: torch.device, console: Console) -> list[Layer]:
+    """Build the MiniLM and synthetic layers and benchmark each, reporting progress."""
     layers = minilm_layers(args.sequences, args.seq_len)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.synthetic.split(",") if s]
     layers += synthetic_layers(shapes)
@@ -228,44 +248,72 @@ def main() -> None:
         reference_rows = layer.weight.shape[0] if layer.name.startswith("MiniLM") else args.reference_rows
         bench_layer(layer, args, device, reference_rows, cache)
         console.print(f"  {layer.name}: done in {time.perf_counter() - t:.0f} s")
+    return layers
 
-    table = Table(title="1. OPTIMA update time / SparseGPT (mask + update) time; objective gap to the float64 optimum")
-    for col in ("layer", "SparseGPT", "OPTIMA auto", "OPTIMA pcg (hinv)", "OPTIMA pcg (jacobi)", "OPTIMA direct",
-                "gap rows", "gap none", "gap SparseGPT", "gap pcg", "gap pcg jacobi", "gap direct"):
+
+def print_table(console: Console, title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
+    """One right-justified table."""
+    table = Table(title=title)
+    for col in columns:
         table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def print_time_table(console: Console, layers: list[Layer]) -> None:
+    """Table 1: each update's time relative to SparseGPT, and its objective gap."""
+    rows = []
     for layer in layers:
         r = layer.results
         auto = r["auto_method"] if r["auto_method"] == "direct" else "pcg"
-        table.add_row(layer.name, f"{r['t_sparsegpt']:.2f} s", f"{auto}: {ratio(r, auto)}", ratio(r, "pcg"),
-                      ratio(r, "jacobi"), ratio(r, "direct"), str(r["reference_rows"]),
-                      *(gap(r, label) for label in ("none", "sparsegpt", "pcg", "jacobi", "direct")))
-    console.print(table)
+        rows.append([layer.name, f"{r['t_sparsegpt']:.2f} s", f"{auto}: {ratio(r, auto)}", ratio(r, "pcg"),
+                     ratio(r, "jacobi"), ratio(r, "direct"), str(r["reference_rows"]),
+                     *(gap(r, label) for label in ("none", "sparsegpt", "pcg", "jacobi", "direct"))])
+    print_table(console, "1. OPTIMA update time / SparseGPT (mask + update) time; objective gap to the float64 optimum",
+                ("layer", "SparseGPT", "OPTIMA auto", "OPTIMA pcg (hinv)", "OPTIMA pcg (jacobi)", "OPTIMA direct",
+                 "gap rows", "gap none", "gap SparseGPT", "gap pcg", "gap pcg jacobi", "gap direct"), rows)
 
-    table = Table(title=f"2. CG iterations per row to a {args.tol:g} relative residual (mean / max), and time")
-    for col in ("layer", "hinv iterations", "hinv time", "jacobi iterations", "jacobi time",
-                "iterations jacobi/hinv", "time jacobi/hinv", "unconverged rows"):
-        table.add_column(col, justify="right")
+
+def print_iterations_table(console: Console, layers: list[Layer], tol: float) -> None:
+    """Table 2: CG iterations and time, hinv against jacobi preconditioning."""
+    rows = []
     for layer in layers:
         r = layer.results
         hi, ja = r["iters_pcg"], r["iters_jacobi"]
-        table.add_row(layer.name, f"{hi.mean():.1f} / {hi.max():.0f}", f"{r['t_pcg']:.2f} s",
-                      f"{ja.mean():.1f} / {ja.max():.0f}", f"{r['t_jacobi']:.2f} s", f"{ja.mean() / hi.mean():.2f}",
-                      f"{r['t_jacobi'] / r['t_pcg']:.2f}", f"{r['unconverged_pcg']} / {r['unconverged_jacobi']}")
-    console.print(table)
+        rows.append([layer.name, f"{hi.mean():.1f} / {hi.max():.0f}", f"{r['t_pcg']:.2f} s",
+                     f"{ja.mean():.1f} / {ja.max():.0f}", f"{r['t_jacobi']:.2f} s", f"{ja.mean() / hi.mean():.2f}",
+                     f"{r['t_jacobi'] / r['t_pcg']:.2f}", f"{r['unconverged_pcg']} / {r['unconverged_jacobi']}"])
+    print_table(console, f"2. CG iterations per row to a {tol:g} relative residual (mean / max), and time",
+                ("layer", "hinv iterations", "hinv time", "jacobi iterations", "jacobi time",
+                 "iterations jacobi/hinv", "time jacobi/hinv", "unconverged rows"), rows)
 
+
+def print_memory_table(console: Console, layers: list[Layer], device: torch.device) -> None:
+    """Table 3: each call's peak memory over the weight and Hessian bytes."""
+    how = "MemTracker" if device.type == "cpu" else "torch.cuda.max_memory_allocated"
+    rows = [[layer.name, f"{layer.results['base_bytes'] / 2 ** 20:.1f} MiB",
+             *(memory(layer.results, label) for label in ("sparsegpt", "pcg", "jacobi", "direct"))]
+            for layer in layers]
+    print_table(console, f"3. Peak memory / (weight + Hessian) bytes, float32 ({how}; direct: row batches "
+                         "fill the memory budget, 2 GiB on the CPU)",
+                ("layer", "weight + H", "SparseGPT", "pcg (hinv)", "pcg (jacobi)", "direct"), rows)
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    console = Console(width=200)
+    start = time.perf_counter()
+    console.print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads, "
+                  f"compile={args.compile}, CG tol {args.tol:g}, best of {args.repeats}, "
+                  f"50% unstructured with the SparseGPT mask, damping {DAMP} x mean(diag H)")
+    layers = bench_all(args, device, console)
+    print_time_table(console, layers)
+    print_iterations_table(console, layers, args.tol)
     if args.memory:
-        how = "MemTracker" if device.type == "cpu" else "torch.cuda.max_memory_allocated"
-        table = Table(title=f"3. Peak memory / (weight + Hessian) bytes, float32 ({how}; direct: row batches "
-                            "fill the memory budget, 2 GiB on the CPU)")
-        for col in ("layer", "weight + H", "SparseGPT", "pcg (hinv)", "pcg (jacobi)", "direct"):
-            table.add_column(col, justify="right")
-        for layer in layers:
-            r = layer.results
-            table.add_row(layer.name, f"{r['base_bytes'] / 2 ** 20:.1f} MiB",
-                          *(memory(r, label) for label in ("sparsegpt", "pcg", "jacobi", "direct")))
-        console.print(table)
+        print_memory_table(console, layers, device)
     console.print(f"total {time.perf_counter() - start:.0f} s")
-
 
 if __name__ == "__main__":
     main()

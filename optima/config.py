@@ -1,58 +1,130 @@
-"""What to prune and how: one validated set of options shared by every entry point."""
+"""What to prune and how: every pruning option is defined, defaulted and checked here, once.
+
+The callback, the CLI (``--pruning.config.*``), the block walk and ``prune_weight`` all take
+a ``PruneConfig``; the sparsity pattern is parsed once and travels as a ``Pattern``.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
-from optima.masks import Pattern
-from optima.prune import validate_options
+from optima.masks import MASK_SELECTORS, Pattern, parse_pattern
+from optima.model import LayerSelection
 from optima.solver import SolverOptions
+
+Mask = Literal["magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thanos"]
+Update = Literal["none", "optima", "sparsegpt", "thanos"]
+Precision = Literal["float32", "float64"]
+OWN_UPDATES = ("sparsegpt", "thanos")  # a selector's own update, made while it chooses the mask
+assert get_args(Mask) == MASK_SELECTORS
+
+
+class OptionError(ValueError):
+    """A bad option value; the message names the option and what it accepts."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        super().__init__(f"{option}: {reason}")
+        self.option, self.reason = option, reason
+
+
+def check_choice(option: str, value: object, allowed: tuple) -> None:
+    """Raise ``OptionError`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise OptionError(option, f"got {value!r}; choose from {', '.join(map(repr, allowed))}")
 
 
 @dataclass
 class PruneConfig:
-    """Options of a pruning run (field names follow llm-compressor where they exist).
+    """What to prune and how.
 
-    ``sparsity`` is one ratio for every layer, or a mapping from a regex on the layer
-    name to its ratio (first match wins; unmatched layers get ``default_sparsity``).
+    Args:
+        sparsity: Fraction of weights to zero in every pruned layer (unstructured), in (0, 1).
+            An N:M pattern implies 1 - N/M: leave 0.5 for 2:4, set it to null (or the implied
+            value) for other N:M.
+        layer_sparsity: Per-layer ratios: regex on the layer name -> ratio. The first match
+            wins; unmatched layers get ``sparsity``.
+        pattern: "unstructured", or "N:M": at most N weights kept in every M consecutive inputs.
+        mask: Which weights to zero: magnitude (|W|, one threshold per layer), wanda
+            (|W| * ||x||, per row), sparsegpt (OBS saliency per column block, with its greedy
+            update), sparsegpt-rowwise (the same, per row), thanos (block-wise OBS, per layer).
+        update: How the kept weights move: none; optima (the exact per-row optimum);
+            sparsegpt or thanos (the selector's own greedy update; needs that mask).
+        damp: Relative damping: damp * mean(diag H) is added to the Hessian's diagonal.
+        blocksize: Columns per lazy-update block of the sparsegpt and thanos selectors.
+        sequential: Prune block by block, feeding each pruned block's outputs to the next
+            (SparseGPT's scheme); false: every Hessian from one pass of the dense model.
+        targets: Regexes; when given, only layers whose name matches one are pruned.
+        ignore: Regexes of layer names left dense. Only layers inside the model's stack of
+            blocks are ever pruned (embeddings and the LM head never are).
+        skip_attention: Leave the attention projections dense.
+        keep_row_range: With update=optima, keep every new weight within its row's original
+            [min, max] (a box-constrained QP), so a later per-row absmax quantization keeps its scale.
+        hessian_dtype: Precision in which H = X^T X is accumulated.
+        solver: Options of the OPTIMA QP solver.
     """
 
-    sparsity: float | dict[str, float] | None = 0.5
-    pattern: str = "unstructured"       # "unstructured" or "N:M" (llm-compressor: mask_structure)
-    mask: str = "wanda"                 # optima.masks.MASK_SELECTORS
-    update: str = "optima"              # "none" | "optima" | the selector's own ("sparsegpt", "thanos")
-    damp: float = 0.01                  # llm-compressor: dampening_frac
-    blocksize: int = 128                # SparseGPT's lazy-update block
-    default_sparsity: float | None = 0.5
-    hessian_dtype: torch.dtype = torch.float32
+    sparsity: float | None = 0.5
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    pattern: str = "unstructured"
+    mask: Mask = "wanda"
+    update: Update = "optima"
+    damp: float = 0.01
+    blocksize: int = 128
+    sequential: bool = True
+    targets: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+    skip_attention: bool = False
+    keep_row_range: bool = False
+    hessian_dtype: Precision = "float32"
     solver: SolverOptions = field(default_factory=SolverOptions)
 
     def __post_init__(self) -> None:
-        if self.damp < 0:
-            raise ValueError(f"damp must be >= 0, got {self.damp}")
+        check_choice("mask", self.mask, get_args(Mask))
+        check_choice("update", self.update, get_args(Update))
+        check_choice("hessian_dtype", self.hessian_dtype, get_args(Precision))
+        if self.update in OWN_UPDATES and not self.mask.startswith(self.update):
+            raise OptionError("update", f"{self.update!r} is {self.update}'s own update, made while it chooses "
+                                        f"the mask: it needs mask={self.update!r}")
+        if self.keep_row_range and (self.update != "optima" or self.solver.method == "direct"):
+            raise OptionError("keep_row_range", "bounds the OPTIMA update: needs update='optima' and a solver "
+                                                "method other than 'direct'")
+        if not self.damp >= 0:
+            raise OptionError("damp", f"must be >= 0, got {self.damp}")
         if self.blocksize < 1:
-            raise ValueError(f"blocksize must be positive, got {self.blocksize}")
-        if self.hessian_dtype not in (torch.float32, torch.float64):
-            raise ValueError("hessian_dtype must be float32 or float64")
-        if isinstance(self.sparsity, dict):
-            for regex, value in self.sparsity.items():
-                re.compile(regex)
-                validate_options(value, self.pattern, self.mask, self.update)
-            validate_options(self.default_sparsity, self.pattern, self.mask, self.update)
-        else:
-            validate_options(self.sparsity, self.pattern, self.mask, self.update)
+            raise OptionError("blocksize", f"must be a positive number of columns, got {self.blocksize}")
+        for option, regexes in (("targets", self.targets), ("ignore", self.ignore), ("layer_sparsity", self.layer_sparsity)):
+            for regex in regexes:
+                try:
+                    re.compile(regex)
+                except re.error as err:
+                    raise OptionError(option, f"bad regex {regex!r}: {err}") from None
+        self._default = self._parse("sparsity", self.sparsity)
+        self._per_layer = {regex: self._parse(f"layer_sparsity[{regex!r}]", value)
+                           for regex, value in self.layer_sparsity.items()}
 
-    def sparsity_for(self, layer_name: str) -> float | None:
-        """The sparsity ratio that applies to ``layer_name``."""
-        if not isinstance(self.sparsity, dict):
-            return self.sparsity
-        for regex, value in self.sparsity.items():
+    def _parse(self, option: str, sparsity: float | None) -> Pattern:
+        if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))):
+            raise OptionError(option, f"must be a number in (0, 1) or null, got {sparsity!r}")
+        try:
+            return parse_pattern(self.pattern, sparsity)
+        except ValueError as err:
+            raise OptionError("pattern" if "pattern" in str(err) else option, str(err)) from None
+
+    def pattern_for(self, layer_name: str = "") -> Pattern:
+        """The parsed pattern (with its sparsity) that applies to ``layer_name``."""
+        for regex, pattern in self._per_layer.items():
             if re.search(regex, layer_name):
-                return value
-        return self.default_sparsity
+                return pattern
+        return self._default
 
-    def pattern_for(self, layer_name: str) -> Pattern:
-        return validate_options(self.sparsity_for(layer_name), self.pattern, self.mask, self.update)
+    @property
+    def selection(self) -> LayerSelection:
+        return LayerSelection(tuple(self.targets), tuple(self.ignore), self.skip_attention)
+
+    @property
+    def hessian_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.hessian_dtype)

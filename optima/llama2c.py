@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ _HEADER = struct.Struct("<7i")
 _SPIECE_SPACE = "\u2581"
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 _NUM_BYTE_TOKENS = 256
+_NUM_FIXED_TOKENS = len(_SPECIAL_TOKENS) + _NUM_BYTE_TOKENS
 
 
 def _read_bytes(path: str | os.PathLike) -> tuple[Path, bytes]:
@@ -47,24 +49,43 @@ def _permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
-def load_llama2c(
-    checkpoint_path: str | os.PathLike, dtype: torch.dtype = torch.float32
-) -> LlamaForCausalLM:
-    """Convert a llama2.c ``.bin`` checkpoint into an eval-mode ``LlamaForCausalLM``."""
-    path, raw = _read_bytes(checkpoint_path)
+@dataclass(frozen=True)
+class _Header:
+    """A validated llama2.c checkpoint header, with the classifier flag split off ``vocab_size``."""
+
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int
+    shared_classifier: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def _read_header(path: Path, raw: bytes) -> _Header:
+    """Unpack the seven-int32 header and reject sizes no llama2.c model can have."""
     if len(raw) < _HEADER.size:
         raise ValueError(f"{path}: too small for a llama2.c header ({len(raw)} bytes)")
-    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = _HEADER.unpack_from(raw)
-    shared_classifier = vocab_size > 0
-    vocab_size = abs(vocab_size)
-    if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len) <= 0 or (
+    values = _HEADER.unpack_from(raw)
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = values
+    if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab_size), seq_len) <= 0 or (
         dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2
     ):
-        raise ValueError(f"{path}: implausible llama2.c header {_HEADER.unpack_from(raw)}")
-    head_dim = dim // n_heads
-    kv_dim = n_kv_heads * head_dim
+        raise ValueError(f"{path}: implausible llama2.c header {values}")
+    return _Header(dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab_size), seq_len,
+                   shared_classifier=vocab_size > 0)
 
-    # (name, shape) in file order; "freq_cis" entries are precomputed rotary tables we skip.
+
+def _checkpoint_layout(header: _Header) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of every stored tensor in file order; "freq_cis" entries are rotary tables we skip."""
+    dim, hidden_dim, n_layers, vocab_size = header.dim, header.hidden_dim, header.n_layers, header.vocab_size
+    kv_dim = header.n_kv_heads * header.head_dim
+    rotary = (header.seq_len * header.head_dim // 2,)
     layout: list[tuple[str, tuple[int, ...]]] = [
         ("tok_embeddings", (vocab_size, dim)),
         ("rms_att", (n_layers, dim)),
@@ -77,11 +98,16 @@ def load_llama2c(
         ("w2", (n_layers, dim, hidden_dim)),
         ("w3", (n_layers, hidden_dim, dim)),
         ("rms_final", (dim,)),
-        ("freq_cis_real", (seq_len * head_dim // 2,)),
-        ("freq_cis_imag", (seq_len * head_dim // 2,)),
+        ("freq_cis_real", rotary),
+        ("freq_cis_imag", rotary),
     ]
-    if not shared_classifier:
+    if not header.shared_classifier:
         layout.append(("wcls", (vocab_size, dim)))
+    return layout
+
+
+def _read_tensors(path: Path, raw: bytes, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """Views of the float32 weights after the header, named by ``layout``; the file size must match it exactly."""
     n_floats = sum(torch.Size(shape).numel() for _, shape in layout)
     expected = _HEADER.size + 4 * n_floats
     if len(raw) != expected:
@@ -89,7 +115,6 @@ def load_llama2c(
             f"{path}: expected {expected} bytes for a llama2.c checkpoint with header "
             f"{_HEADER.unpack_from(raw)}, got {len(raw)} (truncated or wrong format)"
         )
-
     flat = torch.frombuffer(bytearray(raw), dtype=torch.float32, offset=_HEADER.size)
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
@@ -97,49 +122,67 @@ def load_llama2c(
         numel = torch.Size(shape).numel()
         tensors[name] = flat[offset : offset + numel].view(shape)
         offset += numel
+    return tensors
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=dim,
-        intermediate_size=hidden_dim,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        head_dim=head_dim,
+
+def _llama_config(header: _Header) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=header.vocab_size,
+        hidden_size=header.dim,
+        intermediate_size=header.hidden_dim,
+        num_hidden_layers=header.n_layers,
+        num_attention_heads=header.n_heads,
+        num_key_value_heads=header.n_kv_heads,
+        head_dim=header.head_dim,
         hidden_act="silu",
-        max_position_embeddings=seq_len,
+        max_position_embeddings=header.seq_len,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=shared_classifier,
+        tie_word_embeddings=header.shared_classifier,
         attention_bias=False,
         mlp_bias=False,
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def _llama_state_dict(tensors: dict[str, torch.Tensor], header: _Header) -> dict[str, torch.Tensor]:
+    """Map llama2.c tensors to ``LlamaForCausalLM`` parameter names (q/k rows permuted for rotate-half)."""
     state: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": tensors["tok_embeddings"],
         "model.norm.weight": tensors["rms_final"],
-        "lm_head.weight": tensors["tok_embeddings" if shared_classifier else "wcls"],
+        "lm_head.weight": tensors["tok_embeddings" if header.shared_classifier else "wcls"],
     }
-    for i in range(n_layers):
+    for i in range(header.n_layers):
         prefix = f"model.layers.{i}."
         state[prefix + "input_layernorm.weight"] = tensors["rms_att"][i]
         state[prefix + "post_attention_layernorm.weight"] = tensors["rms_ffn"][i]
-        state[prefix + "self_attn.q_proj.weight"] = _permute_rotary(tensors["wq"][i], n_heads)
-        state[prefix + "self_attn.k_proj.weight"] = _permute_rotary(tensors["wk"][i], n_kv_heads)
+        state[prefix + "self_attn.q_proj.weight"] = _permute_rotary(tensors["wq"][i], header.n_heads)
+        state[prefix + "self_attn.k_proj.weight"] = _permute_rotary(tensors["wk"][i], header.n_kv_heads)
         state[prefix + "self_attn.v_proj.weight"] = tensors["wv"][i]
         state[prefix + "self_attn.o_proj.weight"] = tensors["wo"][i]
         state[prefix + "mlp.gate_proj.weight"] = tensors["w1"][i]
         state[prefix + "mlp.down_proj.weight"] = tensors["w2"][i]
         state[prefix + "mlp.up_proj.weight"] = tensors["w3"][i]
+    return state
 
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(state, strict=True)
+
+def load_llama2c(
+    checkpoint_path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> LlamaForCausalLM:
+    """Convert a llama2.c ``.bin`` checkpoint into an eval-mode ``LlamaForCausalLM``."""
+    path, raw = _read_bytes(checkpoint_path)
+    header = _read_header(path, raw)
+    tensors = _read_tensors(path, raw, _checkpoint_layout(header))
+    model = LlamaForCausalLM(_llama_config(header))
+    model.load_state_dict(_llama_state_dict(tensors, header), strict=True)
     return model.to(dtype).eval()
 
 
 def _read_llama2c_vocab(path: Path, raw: bytes) -> list[tuple[bytes, float]]:
     """Parse a llama2.c tokenizer file into ``(piece_bytes, score)`` pairs."""
+    if len(raw) < 4:
+        raise ValueError(f"{path}: too small for a llama2.c tokenizer ({len(raw)} bytes)")
     offset = 4
     pieces: list[tuple[bytes, float]] = []
     try:
@@ -152,44 +195,40 @@ def _read_llama2c_vocab(path: Path, raw: bytes) -> list[tuple[bytes, float]]:
             offset += length
     except struct.error as exc:
         raise ValueError(f"{path}: truncated or corrupt llama2.c tokenizer file") from exc
-    if len(pieces) < len(_SPECIAL_TOKENS) + _NUM_BYTE_TOKENS:
+    if len(pieces) < _NUM_FIXED_TOKENS:
         raise ValueError(f"{path}: only {len(pieces)} tokens, too few for a llama2.c tokenizer")
     return pieces
 
 
-def load_llama2c_tokenizer(tokenizer_path: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """Convert a llama2.c ``tokenizer.bin`` into a sentencepiece-style BPE fast tokenizer.
-
-    Merges are ranked by the score of the merged piece, which reproduces llama2.c's greedy
-    "merge the best-scoring adjacent pair" encoding. A ``<s>`` is prepended by default
-    (``add_special_tokens=True``), as llama2.c's generation does. As in llama2.c, special-token
-    text inside the input (e.g. WikiText's literal ``"<unk>"``) is encoded as ordinary characters.
-    """
-    path, raw = _read_bytes(tokenizer_path)
-    if len(raw) < 4:
-        raise ValueError(f"{path}: too small for a llama2.c tokenizer ({len(raw)} bytes)")
-    pieces = _read_llama2c_vocab(path, raw)
-
-    n_fixed = len(_SPECIAL_TOKENS) + _NUM_BYTE_TOKENS
+def _token_vocab(path: Path, pieces: list[tuple[bytes, float]]) -> dict[str, int]:
+    """Sentencepiece-style token names to ids: specials, ``<0xNN>`` byte tokens, then the pieces."""
     names = list(_SPECIAL_TOKENS) + [f"<0x{b:02X}>" for b in range(_NUM_BYTE_TOKENS)]
     try:
-        names += [p.decode("utf-8").replace(" ", _SPIECE_SPACE) for p, _ in pieces[n_fixed:]]
+        names += [p.decode("utf-8").replace(" ", _SPIECE_SPACE) for p, _ in pieces[_NUM_FIXED_TOKENS:]]
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: token piece is not valid UTF-8") from exc
     vocab = {name: i for i, name in enumerate(names)}
     if len(vocab) != len(names):
         raise ValueError(f"{path}: duplicate token pieces")
+    return vocab
 
+
+def _ranked_merges(vocab: dict[str, int], pieces: list[tuple[bytes, float]]) -> list[tuple[str, str]]:
+    """Every split of a piece into two tokens, best merged-piece score first (ties by token id)."""
     ranked: list[tuple[float, int, str, str]] = []
-    for token_id in range(n_fixed, len(names)):
-        piece = names[token_id]
+    for piece, token_id in vocab.items():
+        if token_id < _NUM_FIXED_TOKENS:
+            continue
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in vocab and right in vocab:
                 ranked.append((-pieces[token_id][1], token_id, left, right))
     ranked.sort()
-    merges = [(left, right) for _, _, left, right in ranked]
+    return [(left, right) for _, _, left, right in ranked]
 
+
+def _sentencepiece_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
+    """A byte-fallback BPE ``Tokenizer`` with sentencepiece's space handling and a ``<s>`` prefix."""
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
     tokenizer.add_special_tokens(list(_SPECIAL_TOKENS))
     tokenizer.normalizer = normalizers.Sequence(
@@ -206,8 +245,22 @@ def load_llama2c_tokenizer(tokenizer_path: str | os.PathLike) -> PreTrainedToken
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
     )
+    return tokenizer
+
+
+def load_llama2c_tokenizer(tokenizer_path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """Convert a llama2.c ``tokenizer.bin`` into a sentencepiece-style BPE fast tokenizer.
+
+    Merges are ranked by the score of the merged piece, which reproduces llama2.c's greedy
+    "merge the best-scoring adjacent pair" encoding. A ``<s>`` is prepended by default
+    (``add_special_tokens=True``), as llama2.c's generation does. As in llama2.c, special-token
+    text inside the input (e.g. WikiText's literal ``"<unk>"``) is encoded as ordinary characters.
+    """
+    path, raw = _read_bytes(tokenizer_path)
+    pieces = _read_llama2c_vocab(path, raw)
+    vocab = _token_vocab(path, pieces)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=_sentencepiece_bpe(vocab, _ranked_merges(vocab, pieces)),
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",

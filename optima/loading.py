@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from optima.atomic import staged_folder
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,3 +80,17 @@ def load_tokenizer(spec: str):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(where, local_files_only=Path(where).exists())
+
+
+def save_pretrained_atomic(model: nn.Module, save_dir: str, tokenizer: str | None = None) -> None:
+    """``save_pretrained`` the model (and the tokenizer of spec ``tokenizer``) into ``save_dir``.
+
+    Written into a temporary sibling folder and swapped in: never half-written; modes follow the umask.
+    """
+    with staged_folder(save_dir) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            try:
+                load_tokenizer(tokenizer).save_pretrained(staging)
+            except (OSError, ValueError):
+                pass  # a model without a loadable tokenizer is still a valid checkpoint

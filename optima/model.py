@@ -52,7 +52,7 @@ class LayerSelection:
     """Which linear layers of each block to prune (regexes match names within the model)."""
 
     targets: tuple[str, ...] = ()           # keep only names matching one of these (empty: all)
-    ignore: tuple[str, ...] = ("lm_head",)  # drop names matching one of these
+    ignore: tuple[str, ...] = ()            # drop names matching one of these
     skip_attention: bool = False            # drop attention projections
 
     def select(self, block: nn.Module, prefix: str) -> dict[str, nn.Module]:

@@ -11,14 +11,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from optima.config import OWN_UPDATES, PruneConfig
 from optima.hessian import Damping, damp_hessian
-from optima.masks import MASK_SELECTORS, Pattern, magnitude_mask, parse_pattern, wanda_mask
-from optima.solver import SolverOptions, solve_pinned
+from optima.masks import Pattern, magnitude_mask, wanda_mask
+from optima.solver import solve_pinned
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 from optima.thanos import thanos
 
-OWN_UPDATES = ("sparsegpt", "thanos")  # a selector's own update, made while it chooses the mask
-UPDATES = ("none", *OWN_UPDATES, "optima")
 # Selectors that update the weights as they choose the mask: (weight, H, pattern, blocksize, damp)
 # -> (updated weight, keep, damping). Their own update is named after the method ("sparsegpt", "thanos").
 GREEDY_SELECTORS = {"sparsegpt": sparsegpt, "sparsegpt-rowwise": sparsegpt_rowwise, "thanos": thanos}
@@ -73,80 +72,73 @@ def reconstruction_objective(new_weight: torch.Tensor, weight: torch.Tensor, hes
     return float((diff * (diff @ hessian.double())).sum())
 
 
-def validate_options(sparsity: float | None, pattern: str, mask: str, update: str) -> Pattern:
-    """Check the pruning options together; return the parsed pattern or raise ValueError."""
-    if mask not in MASK_SELECTORS:
-        raise ValueError(f"unknown mask selector {mask!r}; choose from {MASK_SELECTORS}")
-    if update not in UPDATES:
-        raise ValueError(f"unknown update {update!r}; choose from {UPDATES}")
-    if update in OWN_UPDATES and not mask.startswith(update):
-        raise ValueError(f"update={update!r} is {update}'s own update, made while it chooses the mask: "
-                         f"it needs mask={update!r}")
-    return parse_pattern(pattern, sparsity)
-
-
-@torch.no_grad()
-def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float | None = 0.5,
-                 pattern: str = "unstructured", mask: str = "wanda", update: str = "optima",
-                 damp: float = 0.01, solver_options: SolverOptions | None = None,
-                 keep: torch.Tensor | None = None, blocksize: int = 128) -> PruneResult:
-    """Prune ``weight`` (rows, d_in) given its layer Hessian ``hessian`` (d_in, d_in).
-
-    ``mask`` picks the weights to zero, ``update`` moves the survivors:
-    ``"none"`` leaves them, ``"sparsegpt"`` applies SparseGPT's greedy update,
-    ``"optima"`` the exact per-row least-squares optimum. A precomputed ``keep`` mask
-    skips selection. The update is never allowed to make the layer worse than no
-    update on the same mask; if it would, the result says so and keeps the better.
-    """
-    pat = validate_options(sparsity, pattern, mask, update)
-    rows, d_in = weight.shape
+def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern) -> None:
+    d_in = weight.shape[1]
     if hessian.shape != (d_in, d_in):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight width {d_in}")
     if not torch.isfinite(hessian).all():
         raise FloatingPointError("Hessian contains NaN or Inf")
     if not torch.isfinite(weight).all():
         raise FloatingPointError("weight contains NaN or Inf")
-    pat.check(d_in)
-    options = solver_options or SolverOptions()
+    pattern.check(d_in)
+
+
+def select_mask(w: torch.Tensor, h: torch.Tensor, pattern: Pattern,
+                config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor | None, Damping | None]:
+    """The keep-mask of ``config.mask``; greedy selectors also return their updated weight and damping."""
+    if config.mask in GREEDY_SELECTORS:
+        greedy, keep, damping = GREEDY_SELECTORS[config.mask](w, h, pattern, blocksize=config.blocksize,
+                                                              damp=config.damp)
+        return keep, greedy, damping
+    keep = magnitude_mask(w, pattern) if config.mask == "magnitude" else wanda_mask(w, h, pattern)
+    return keep, None, None
+
+
+@torch.no_grad()
+def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfig | None = None, *,
+                 pattern: Pattern | None = None, keep: torch.Tensor | None = None) -> PruneResult:
+    """Prune ``weight`` (rows, d_in) given its layer Hessian ``hessian`` (d_in, d_in).
+
+    ``config.mask`` picks the weights to zero (under ``pattern``, default the config's
+    own), ``config.update`` moves the survivors: ``"none"`` leaves them, ``"sparsegpt"`` /
+    ``"thanos"`` are the selector's greedy update, ``"optima"`` the exact per-row optimum.
+    A given ``keep`` mask skips selection. The update is never allowed to make the layer
+    worse than no update on the same mask; if it would, the result says so and keeps the better.
+    """
+    config = config or PruneConfig()
+    pattern = pattern or config.pattern_for()
+    _check_inputs(weight, hessian, pattern)
     device = hessian.device
-    w = weight.to(device=device, dtype=torch.float64 if options.dtype == torch.float64 else torch.float32)
+    w = weight.to(device=device, dtype=config.solver.torch_dtype)
     h = hessian.to(w.dtype)
     start = time.perf_counter()
-
     greedy, greedy_damping = None, None
     if keep is not None:
-        if update in OWN_UPDATES:
-            raise ValueError(f"update={update!r} chooses its own mask as it goes; it cannot take a given keep mask")
+        if config.update in OWN_UPDATES:
+            raise ValueError(f"update={config.update!r} chooses its own mask as it goes; it cannot take a given "
+                             "keep mask")
         keep = keep.to(device=device, dtype=torch.bool)
-    elif mask in GREEDY_SELECTORS:
-        greedy, keep, greedy_damping = GREEDY_SELECTORS[mask](w, h, pat, blocksize=blocksize, damp=damp)
     else:
-        keep = magnitude_mask(w, pat) if mask == "magnitude" else wanda_mask(w, h, pat)
+        keep, greedy, greedy_damping = select_mask(w, h, pattern, config)
     seconds_mask = time.perf_counter() - start
 
     masked = w * keep
-    damped, damping = damp_hessian(h, damp)
+    damped, damping = damp_hessian(h, config.damp)
     stats = PruneStats(objective_none=reconstruction_objective(masked, w, h), objective=0.0,
                        dense_energy=reconstruction_objective(torch.zeros_like(w), w, h), sparsity=0.0,
                        damping=damping.value, dead_inputs=damping.dead_inputs, seconds_mask=seconds_mask)
     t_update = time.perf_counter()
-    if update == "none":
+    if config.update == "none":
         new = masked
-    elif update in OWN_UPDATES:
+    elif config.update in OWN_UPDATES:
         new = greedy
         if greedy_damping.value > damping.value:
-            stats.notes.append(f"damping raised to {greedy_damping.value:.3g} to factor H for {mask}")
+            stats.notes.append(f"damping raised to {greedy_damping.value:.3g} to factor H for {config.mask}")
             stats.damping = greedy_damping.value
     else:
-        new = _optima_update(w, damped, keep, damping, options, stats)
-    new = new * keep  # pruned entries are exact zeros whatever the arithmetic did
+        new = _optima_update(w, damped, keep, damping, config, stats)
+    new = _keep_the_better(new * keep, masked, w, h, config, stats)  # pruned entries: exact zeros
     stats.seconds_update = time.perf_counter() - t_update
-    stats.objective = reconstruction_objective(new, w, h)
-    if update != "none" and not stats.objective <= stats.objective_none:
-        stats.notes.append(f"update raised the error ({stats.objective:.4g} > {stats.objective_none:.4g}); "
-                           "kept the masked weights without update")
-        stats.fell_back_to_none = True
-        new, stats.objective = masked, stats.objective_none
     if damping.dead_inputs:
         stats.notes.append(f"{damping.dead_inputs} dead inputs (zero Hessian diagonal) left unchanged")
     stats.sparsity = float((new == 0).sum()) / new.numel()
@@ -155,10 +147,23 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
                        stats=stats)
 
 
+def _keep_the_better(new: torch.Tensor, masked: torch.Tensor, w: torch.Tensor, h: torch.Tensor,
+                     config: PruneConfig, stats: PruneStats) -> torch.Tensor:
+    """The updated weight, unless it reconstructs worse than no update (then the masked one, with a note)."""
+    stats.objective = reconstruction_objective(new, w, h)
+    if config.update != "none" and not stats.objective <= stats.objective_none:
+        stats.notes.append(f"update raised the error ({stats.objective:.4g} > {stats.objective_none:.4g}); "
+                           "kept the masked weights without update")
+        stats.fell_back_to_none = True
+        new, stats.objective = masked, stats.objective_none
+    return new
+
+
 def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, damping: Damping,
-                   options: SolverOptions, stats: PruneStats) -> torch.Tensor:
+                   config: PruneConfig, stats: PruneStats) -> torch.Tensor:
     """Solve the pinned QP for every row and record how the solver did."""
-    result = solve_pinned(damped, w, keep, damping, options)
+    weight_range = (w.amin(1), w.amax(1)) if config.keep_row_range else None
+    result = solve_pinned(damped, w, keep, damping, config.solver, weight_range)
     stats.solver_method = result.method
     stats.cg_iterations_mean = float(result.cg_iterations.float().mean())
     stats.cg_iterations_max = int(result.cg_iterations.max())

@@ -1,16 +1,46 @@
-"""Showing and saving what a pruning run measured: a rich table and a JSON file."""
+"""What a pruning run measured: per-layer records, totals, a rich table and a JSON file."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from optima.atomic import write_atomic
-from optima.sequential import PruneReport
+from optima.prune import PruneStats
+
+
+@dataclass
+class LayerRecord:
+    """One pruned layer."""
+
+    name: str
+    block: int
+    shape: tuple[int, int]
+    target_sparsity: float
+    tokens: int
+    stats: PruneStats
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.name, "block": self.block, "shape": list(self.shape),
+                "target_sparsity": self.target_sparsity, "tokens": self.tokens, **self.stats.as_dict()}
+
+
+@dataclass
+class PruneReport:
+    """Everything a pruning run measured, and the masks it chose."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)   # where the time went, by phase
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
 
 def summary(report: PruneReport) -> dict[str, Any]:

@@ -19,8 +19,11 @@ Preconditioners (applied after symmetric Jacobi scaling of H, which is always do
 
 from __future__ import annotations
 
+import functools
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -33,26 +36,46 @@ METHODS = ("auto", "pcg", "direct")
 
 @dataclass
 class SolverOptions:
-    """Knobs of the QP solver; the defaults are exact to float32 precision."""
+    """Options of the OPTIMA QP solver; the defaults are exact to float32 precision.
 
-    method: str = "auto"            # "pcg", "direct" (batched Cholesky) or "auto" (by cost)
-    preconditioner: str = "hinv"    # see module docstring
-    tol: float = 1e-6               # relative residual per row: ||H_FF x - b|| <= tol ||b||
-    max_iter: int = 2000            # CG iterations per Newton step
-    max_newton: int = 50            # projected-Newton iterations (1 suffices with pins only)
-    dtype: torch.dtype = torch.float32
-    compile: bool | None = None     # torch.compile the CG step; None: on CUDA only (on the CPU the
-                                    # compile time, paid per layer shape, outweighs the gain)
-    memory_budget: int | None = None  # bytes for one batch of rows; None: a share of free memory
-    check_every: int = 8            # CG iterations between convergence checks (host syncs)
+    Args:
+        method: "pcg" (matrix-free preconditioned CG), "direct" (batched Cholesky of each row's
+            system) or "auto" (direct for small systems, PCG otherwise).
+        preconditioner: "hinv" (free-set block of the scaled inverse Hessian) or "jacobi".
+        tol: Relative residual per row at which CG stops: ||H_FF x - b|| <= tol ||b||.
+        max_iter: CG iterations per Newton step.
+        max_newton: Projected-Newton iterations (one suffices when only pruned entries are bound).
+        dtype: Precision of the solve.
+        compile: torch.compile the CG step; null: on CUDA only (on the CPU the compile time,
+            paid once per layer shape, outweighs the gain).
+        memory_budget: Bytes for one batch of rows; null: a quarter of free accelerator memory,
+            2 GiB on the CPU.
+        check_every: CG iterations between convergence checks (each one a host sync).
+    """
+
+    method: Literal["auto", "pcg", "direct"] = "auto"
+    preconditioner: Literal["hinv", "jacobi"] = "hinv"
+    tol: float = 1e-6
+    max_iter: int = 2000
+    max_newton: int = 50
+    dtype: Literal["float32", "float64"] = "float32"
+    compile: bool | None = None
+    memory_budget: int | None = None
+    check_every: int = 8
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown solver method {self.method!r}; choose from {METHODS}")
-        if self.preconditioner not in PRECONDITIONERS:
-            raise ValueError(f"unknown preconditioner {self.preconditioner!r}; choose from {PRECONDITIONERS}")
-        if self.dtype not in (torch.float32, torch.float64):
-            raise ValueError("the solver runs in float32 or float64")
+        from optima.config import OptionError, check_choice  # config imports this module
+
+        check_choice("solver.method", self.method, METHODS)
+        check_choice("solver.preconditioner", self.preconditioner, PRECONDITIONERS)
+        check_choice("solver.dtype", self.dtype, ("float32", "float64"))
+        for option in ("tol", "max_iter", "max_newton", "check_every"):
+            if not getattr(self, option) > 0:
+                raise OptionError(f"solver.{option}", f"must be positive, got {getattr(self, option)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 @dataclass
@@ -67,7 +90,6 @@ class QPResult:
     method: str = "pcg"
     damping: Damping | None = None
     escalated_rows: int = 0          # rows whose system needed extra damping (direct path)
-    notes: list[str] = field(default_factory=list)
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -102,17 +124,15 @@ def _cg_step(x, r, p, rz, matrix, precond, free, threshold):
     return x, r, p, rz, active
 
 
-_compiled_step = None
+@functools.cache
+def _compiled_cg_step() -> Callable:
+    """The CG iteration compiled once per process (torch.compile itself specializes per shape)."""
+    return torch.compile(_cg_step, dynamic=False, fullgraph=True)
 
 
-def _step_fn(compile: bool | None, device: torch.device):
-    """The CG iteration, compiled once per process when asked (eager if that fails)."""
-    global _compiled_step
-    if not (compile if compile is not None else device.type == "cuda"):
-        return _cg_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(_cg_step, dynamic=False, fullgraph=True)
-    return _compiled_step
+def _step_for(compile: bool | None, device: torch.device) -> Callable:
+    """The compiled CG iteration when asked (on CUDA by default), else the eager one."""
+    return _compiled_cg_step() if (compile if compile is not None else device.type == "cuda") else _cg_step
 
 
 def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: torch.Tensor | None,
@@ -130,18 +150,17 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: to
     p = z.clone()
     rz = (r * z).sum(1)
     iterations = torch.zeros(rows, dtype=torch.int64, device=rhs.device)
-    step = _step_fn(options.compile, rhs.device)
+    step = _step_for(options.compile, rhs.device)
     done = 0
     while done < options.max_iter:
         for _ in range(min(options.check_every, options.max_iter - done)):
             try:
                 x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, threshold)
-            except Exception as err:  # compilation trouble: say so once, run eagerly
+            except Exception as err:  # a compiler problem must not stop a pruning run: finish this solve eagerly
                 if step is _cg_step:
                     raise
                 warnings.warn(f"torch.compile of the CG step failed ({type(err).__name__}: {err}); "
                               "running it eagerly", RuntimeWarning)
-                options.compile = False
                 step = _cg_step
                 x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, threshold)
             iterations += active
@@ -165,7 +184,7 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     batches sized from the memory budget. Entries with ``lower == upper`` are pinned.
     """
     options = options or SolverOptions()
-    dtype, device = options.dtype, hessian.device
+    dtype, device = options.torch_dtype, hessian.device
     h = hessian.to(dtype)
     lower, upper = lower.to(dtype), upper.to(dtype)
     if (lower > upper).any():
@@ -188,33 +207,45 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     newton = 0
     for start in range(0, rows, step_rows):
         sl = slice(start, start + step_rows)
-        l, u = lo[sl], hi[sl]
-        pinned = l == u
-        box = ~pinned & (torch.isfinite(l) | torch.isfinite(u))
-        yb = torch.zeros_like(l).clamp(l, u)
-        g0 = _projected_gradient_norm(yb, yb @ hs, l, u).clamp_min(torch.finfo(dtype).tiny)
-        for it in range(options.max_newton):
-            g = yb @ hs
-            fixed = pinned | ((yb <= l) & (g > 0)) | ((yb >= u) & (g < 0))
-            rel = _projected_gradient_norm(yb, g, l, u) / g0
-            if it > 0 and (not box.any() or bool((rel <= options.tol).all())):
-                break
-            step, iters, ok = pcg(hs, -g, (~fixed).to(dtype), precond, options)
-            cg_iters[sl] += iters
-            converged[sl] = ok
-            newton = max(newton, it + 1)
-            if not box.any():                      # pins only: the Newton step is the optimum
-                yb = yb + step
-                break
-            yb = _line_search(yb, step, g, l, u, hs)
-        kkt[sl] = _projected_gradient_norm(yb, yb @ hs, l, u) / g0
-        if box.any():                              # general bounds: converged means a KKT point too
-            converged[sl] &= kkt[sl] <= options.tol
-        y[sl] = yb
+        y[sl], converged[sl], cg_iters[sl], kkt[sl], steps = _projected_newton(hs, lo[sl], hi[sl], precond, options)
+        newton = max(newton, steps)
     # back to weight units, exactly feasible: entries at a bound (pins included) get the bound itself
     delta = (y * scale).clamp_(lower, upper).where(y > lo, lower).where(y < hi, upper)
     return QPResult(delta=delta, converged=converged, cg_iterations=cg_iters, kkt_residual=kkt,
                     newton_iterations=newton, method="pcg", damping=damping)
+
+
+def _projected_newton(hs: torch.Tensor, l: torch.Tensor, u: torch.Tensor, precond: torch.Tensor | None,
+                      options: SolverOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Projected Newton for one batch of rows in scaled coordinates, from the feasible point nearest 0.
+
+    Each iteration fixes the entries at an active bound, solves the Newton system on the rest by
+    PCG and backtracks along the projection arc. Returns (y, converged, CG iterations, relative
+    KKT residual, Newton iterations).
+    """
+    pinned = l == u
+    box = ~pinned & (torch.isfinite(l) | torch.isfinite(u))
+    y = torch.zeros_like(l).clamp(l, u)
+    g0 = _projected_gradient_norm(y, y @ hs, l, u).clamp_min(torch.finfo(y.dtype).tiny)
+    cg_iters = torch.zeros(l.shape[0], dtype=torch.int64, device=l.device)
+    converged, newton = torch.zeros_like(cg_iters, dtype=torch.bool), 0
+    for it in range(options.max_newton):
+        g = y @ hs
+        fixed = pinned | ((y <= l) & (g > 0)) | ((y >= u) & (g < 0))
+        rel = _projected_gradient_norm(y, g, l, u) / g0
+        if it > 0 and (not box.any() or bool((rel <= options.tol).all())):
+            break
+        step, iters, converged = pcg(hs, -g, (~fixed).to(y.dtype), precond, options)
+        cg_iters += iters
+        newton = it + 1
+        if not box.any():                      # pins only: the Newton step is the optimum
+            y = y + step
+            break
+        y = _line_search(y, step, g, l, u, hs)
+    kkt = _projected_gradient_norm(y, y @ hs, l, u) / g0
+    if box.any():                              # general bounds: converged means a KKT point too
+        converged = converged & (kkt <= options.tol)
+    return y, converged, cg_iters, kkt, newton
 
 
 def _projected_gradient_norm(y: torch.Tensor, g: torch.Tensor, lower: torch.Tensor,
@@ -254,22 +285,27 @@ def choose_method(d: int, smaller_set: int) -> str:
 
 @torch.no_grad()
 def solve_pinned(hessian: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, damping: Damping,
-                 options: SolverOptions | None = None) -> QPResult:
+                 options: SolverOptions | None = None,
+                 weight_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> QPResult:
     """The OPTIMA row problem: best update of the kept weights once the pruned ones are zero.
 
     ``hessian`` is the damped Hessian; returns the update ``delta`` with ``w + delta``
-    exactly zero on pruned entries.
+    exactly zero on pruned entries. With ``weight_range`` = (low, high), per-row bounds of
+    shape (rows,), every new kept weight also stays in [low, high]: a box-constrained QP
+    that projected Newton solves with a few active-set changes.
     """
     options = options or SolverOptions()
     rows, d = weight.shape
-    h = hessian.to(options.dtype)
-    w = weight.to(device=h.device, dtype=options.dtype)
+    h = hessian.to(options.torch_dtype)
+    w = weight.to(device=h.device, dtype=options.torch_dtype)
     keep = keep.to(h.device)
     method = options.method
     if method == "auto":
         smaller = min(int((~keep).sum(1).max()), int(keep.sum(1).max()))
-        method = choose_method(d, smaller)
+        method = "pcg" if weight_range is not None else choose_method(d, smaller)
     if method == "direct":
+        if weight_range is not None:
+            raise ValueError("the direct solver has no bounds; use method 'pcg' or 'auto' with a weight range")
         budget = options.memory_budget or default_memory_budget(h.device)
         delta, damping, escalated = solve_pinned_direct(h, w, keep, damping, budget)
         result = QPResult(delta=delta, converged=torch.ones(rows, dtype=torch.bool, device=h.device),
@@ -277,11 +313,16 @@ def solve_pinned(hessian: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor
                           kkt_residual=torch.zeros(rows, dtype=h.dtype, device=h.device),
                           method="direct", damping=damping, escalated_rows=escalated)
     else:
-        pins = torch.where(keep, torch.full_like(w, float("inf")), -w)
-        result = solve_box_qp(h, torch.where(keep, -pins, pins), pins, options, damping)
+        lower, upper = torch.full_like(w, -float("inf")), torch.full_like(w, float("inf"))
+        if weight_range is not None:
+            low, high = (bound.to(w)[:, None] for bound in weight_range)
+            lower, upper = (low - w).clamp(max=0), (high - w).clamp(min=0)  # never exclude w itself
+        lower, upper = torch.where(keep, lower, -w), torch.where(keep, upper, -w)
+        result = solve_box_qp(h, lower, upper, options, damping)
     result.delta = torch.where(keep, result.delta, -w)   # pinned entries exactly -w
-    # KKT residual of the kept-set system H_KK delta_K = H_KP w_P, the same measure for both paths
-    rhs = torch.linalg.vector_norm(((w * ~keep) @ h) * keep, dim=1)
-    gradient = torch.linalg.vector_norm((result.delta @ h) * keep, dim=1)
-    result.kkt_residual = gradient / rhs.clamp_min(torch.finfo(h.dtype).tiny)
+    if weight_range is None:
+        # KKT residual of the kept-set system H_KK delta_K = H_KP w_P, the same measure for both paths
+        rhs = torch.linalg.vector_norm(((w * ~keep) @ h) * keep, dim=1)
+        gradient = torch.linalg.vector_norm((result.delta @ h) * keep, dim=1)
+        result.kkt_residual = gradient / rhs.clamp_min(torch.finfo(h.dtype).tiny)
     return result

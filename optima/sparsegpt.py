@@ -21,6 +21,45 @@ from optima.hessian import Damping, add_damping, cholesky_escalating, damp_hessi
 from optima.masks import Pattern, prune_lowest, prune_nm
 
 
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, Damping]:
+    """Upper Cholesky factor of the damped H^-1, escalating the damping until H and its inverse both factor."""
+    h, damping = damp_hessian(hessian, damp)
+    for _ in range(6):  # both H and its inverse must factor; near-singular H can fail the second
+        h, chol, damping = cholesky_escalating(h, damping)
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        if info.item() == 0 and torch.isfinite(upper).all():
+            return upper, damping
+        h, damping = add_damping(h, damping)
+    raise torch.linalg.LinAlgError(f"inverse Hessian does not factor even with damping {damping.value:.3g}")
+
+
+def _saliency(weights: torch.Tensor, u_diag: torch.Tensor) -> torch.Tensor:
+    """OBS saliency w^2 / [chol(H^-1)]_jj^2 of each weight."""
+    return weights.pow(2) / u_diag.pow(2)
+
+
+def _prune_block(block: torch.Tensor, u_block: torch.Tensor, keep_block: torch.Tensor, pattern: Pattern,
+                 drop: int, scope: Literal["block", "row"]) -> torch.Tensor:
+    """Choose the block's mask into ``keep_block`` and prune ``block`` column by column, compensating
+    each column's error into the block's later columns (both in place); return the per-column errors."""
+    if not pattern.structured:
+        saliency = _saliency(block, u_block.diagonal())
+        scores = saliency.reshape(-1) if scope == "block" else saliency
+        keep_block[:] = prune_lowest(scores, drop).reshape(saliency.shape)
+    errors = torch.zeros_like(block)
+    for j in range(block.shape[1]):
+        if pattern.structured and j % pattern.m == 0:
+            group = _saliency(block[:, j:j + pattern.m], u_block.diagonal()[j:j + pattern.m])
+            keep_block[:, j:j + pattern.m] = prune_nm(group, pattern)
+        w_col = block[:, j]
+        q_col = w_col * keep_block[:, j]
+        err = (w_col - q_col) / u_block[j, j]
+        block[:, j:] -= err[:, None] * u_block[j, j:][None, :]
+        block[:, j] = q_col
+        errors[:, j] = err
+    return errors
+
+
 @torch.no_grad()
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, blocksize: int = 128,
               damp: float = 0.01, scope: Literal["block", "row"] = "block"
@@ -41,40 +80,16 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, 
     pattern.check(d_in)
     if pattern.structured:
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
-    h, damping = damp_hessian(hessian, damp)
-    for _ in range(6):  # both H and its inverse must factor; near-singular H can fail the second
-        h, chol, damping = cholesky_escalating(h, damping)
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-        if info.item() == 0 and torch.isfinite(upper).all():
-            break
-        h, damping = add_damping(h, damping)
-    else:
-        raise torch.linalg.LinAlgError(f"inverse Hessian does not factor even with damping {damping.value:.3g}")
+    upper, damping = _inverse_cholesky(hessian, damp)
 
-    w = weight.to(h.dtype).clone()
+    w = weight.to(upper.dtype).clone()
     keep = torch.ones(rows, d_in, dtype=torch.bool, device=w.device)
     # weights each block loses: over all its rows together, or in each row (rows=1 gives the per-row share)
     drops = pattern.pruned_per_block(rows if scope == "block" else 1, d_in, blocksize)
     for i1, drop in zip(range(0, d_in, blocksize), drops):
         i2 = min(i1 + blocksize, d_in)
-        u_block = upper[i1:i2, i1:i2]
         block = w[:, i1:i2].clone()
-        errors = torch.zeros_like(block)
-        saliency = block.pow(2) / u_block.diagonal().pow(2)
-        if not pattern.structured:
-            scores = saliency.reshape(-1) if scope == "block" else saliency
-            keep[:, i1:i2] = prune_lowest(scores, drop).reshape(saliency.shape)
-        for j in range(i2 - i1):
-            col = i1 + j
-            if pattern.structured and j % pattern.m == 0:
-                group = block[:, j:j + pattern.m].pow(2) / u_block.diagonal()[j:j + pattern.m].pow(2)
-                keep[:, col:col + pattern.m] = prune_nm(group, pattern)
-            w_col = block[:, j]
-            q_col = w_col * keep[:, col]
-            err = (w_col - q_col) / u_block[j, j]
-            block[:, j:] -= err[:, None] * u_block[j, j:][None, :]
-            block[:, j] = q_col
-            errors[:, j] = err
+        errors = _prune_block(block, upper[i1:i2, i1:i2], keep[:, i1:i2], pattern, drop, scope)
         w[:, i1:i2] = block
         w[:, i2:] -= errors @ upper[i1:i2, i2:]
     w[~keep] = 0

@@ -8,8 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausa
 
 from optima.config import PruneConfig
 from optima.model import LayerSelection, find_blocks, linear_layers, weight_rows
-from optima.sequential import prune_model
 from optima.solver import SolverOptions
+from optima.walk import prune_model
 
 
 def gpt2():

@@ -14,8 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from callbacks.pruning import OptimaPruning
+from optima.callbacks.pruning import OptimaPruning
+from optima.config import OptionError, PruneConfig
 from optima.model import weight_rows
+from optima.solver import SolverOptions
 
 VOCAB, SEQ = 64, 16
 LLAMA_LOCAL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -95,9 +97,19 @@ def make_trainer(callbacks: list, **kwargs) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **options)
 
 
-def callback(**options) -> OptimaPruning:
-    options = {"compile": False, "progress": False, "calibration_samples": 16, **options}
-    return OptimaPruning(**options)
+CALLBACK_ARGS = ("calibration_samples", "report_path", "resume_dir", "execution_device", "progress", "forward")
+
+
+def callback(solver: dict | None = None, **options) -> OptimaPruning:
+    """An OptimaPruning (eager CG, no progress display, 16 calibration sequences).
+
+    ``options`` are OptimaPruning's own arguments or ``PruneConfig`` fields; ``solver`` holds
+    ``SolverOptions`` fields.
+    """
+    args = {"progress": False, "calibration_samples": 16, **{k: v for k, v in options.items() if k in CALLBACK_ARGS}}
+    config = PruneConfig(solver=SolverOptions(**{"compile": False, **(solver or {})}),
+                         **{k: v for k, v in options.items() if k not in CALLBACK_ARGS})
+    return OptimaPruning(config, **args)
 
 
 def prune(model: nn.Module, data: Dataset | None = None, **options) -> OptimaPruning:
@@ -320,8 +332,8 @@ def test_optima_is_never_worse_than_another_update_on_the_same_mask(mask, other)
 def test_pcg_solver_path_matches_direct():
     original = tiny_llama(layers=1)
     direct, iterative = copy.deepcopy(original), copy.deepcopy(original)
-    a = prune(direct, solver_method="direct")
-    b = prune(iterative, solver_method="pcg", solver_tol=1e-8, solver_dtype="float64")
+    a = prune(direct, solver={"method": "direct"})
+    b = prune(iterative, solver={"method": "pcg", "tol": 1e-8, "dtype": "float64"})
     assert {r.stats.solver_method for r in b.report.layers} == {"pcg"}
     for ra, rb in zip(a.report.layers, b.report.layers):
         assert rb.stats.objective == pytest.approx(ra.stats.objective, rel=1e-4)
@@ -357,8 +369,8 @@ def test_selection_prunes_exactly_the_chosen_layers(options, chosen):
 
 def test_per_layer_sparsity_dict():
     model = tiny_llama()
-    sparsity = {r"mlp\.": 0.75, r"self_attn\.(q|k)_proj": 0.25}
-    cb = prune(model, sparsity=sparsity)
+    layer_sparsity = {r"mlp\.": 0.75, r"self_attn\.(q|k)_proj": 0.25}
+    cb = prune(model, layer_sparsity=layer_sparsity)   # unmatched layers: sparsity (default 0.5)
     expected = {"q_proj": 0.25, "k_proj": 0.25, "v_proj": 0.5, "o_proj": 0.5,  # v, o: default 0.5
                 "gate_proj": 0.75, "up_proj": 0.75, "down_proj": 0.75}
     assert len(cb.report.layers) == 14
@@ -385,26 +397,41 @@ def test_bert_skip_attention_keeps_only_feed_forward():
 
 
 # ------------------------------------------------------------------------------ bad input, caught early
-@pytest.mark.parametrize("options, fragment", [
-    ({"sparsity": 0.0}, "sparsity must be in (0, 1)"),
-    ({"sparsity": 1.0}, "sparsity must be in (0, 1)"),
-    ({"sparsity": 1.5}, "sparsity must be in (0, 1)"),
-    ({"sparsity": -0.1}, "sparsity must be in (0, 1)"),
-    ({"sparsity": None}, "sparsity must be in (0, 1)"),
-    ({"sparsity": {"mlp": 1.2}}, "sparsity must be in (0, 1)"),
-    ({"pattern": "2-4"}, "unknown pattern '2-4'"),
-    ({"pattern": "4:2"}, "needs 0 < N < M"),
-    ({"pattern": "2:4", "sparsity": 0.3}, "implies sparsity 0.5"),
-    ({"mask": "random"}, "unknown mask selector 'random'"),
-    ({"update": "obs"}, "unknown update 'obs'"),
-    ({"mask": "wanda", "update": "sparsegpt"}, "needs mask='sparsegpt'"),
-    ({"mask": "magnitude", "update": "sparsegpt"}, "needs mask='sparsegpt'"),
-    ({"calibration_samples": 0}, "calibration_samples must be >= 1"),
-    ({"solver_dtype": "float16"}, "solver_dtype must be"),
+@pytest.mark.parametrize("options, option, fragment", [
+    ({"sparsity": 0.0}, "sparsity", "sparsity must be in (0, 1)"),
+    ({"sparsity": 1.0}, "sparsity", "sparsity must be in (0, 1)"),
+    ({"sparsity": 1.5}, "sparsity", "sparsity must be in (0, 1)"),
+    ({"sparsity": -0.1}, "sparsity", "sparsity must be in (0, 1)"),
+    ({"sparsity": None}, "sparsity", "sparsity must be in (0, 1)"),
+    ({"layer_sparsity": {"mlp": 1.2}}, "layer_sparsity['mlp']", "sparsity must be in (0, 1)"),
+    ({"pattern": "2-4"}, "pattern", "unknown pattern '2-4'"),
+    ({"pattern": "4:2"}, "pattern", "needs 0 < N < M"),
+    ({"pattern": "2:4", "sparsity": 0.3}, "pattern", "implies sparsity 0.5"),
+    ({"mask": "random"}, "mask", "got 'random'; choose from"),
+    ({"update": "obs"}, "update", "got 'obs'; choose from"),
+    ({"mask": "wanda", "update": "sparsegpt"}, "update", "needs mask='sparsegpt'"),
+    ({"mask": "magnitude", "update": "sparsegpt"}, "update", "needs mask='sparsegpt'"),
+    ({"keep_row_range": True, "update": "none"}, "keep_row_range", "needs update='optima'"),
+    ({"targets": ["("]}, "targets", "bad regex '('"),
+    ({"calibration_samples": 0}, "pruning.calibration_samples", "must be >= 1"),   # named as on the CLI
+    ({"solver": {"dtype": "float16"}}, "solver.dtype", "got 'float16'; choose from"),
 ])
-def test_bad_options_fail_at_construction(options, fragment):
-    with pytest.raises(ValueError, match=re.escape(fragment)):
+def test_bad_options_fail_at_construction(options, option, fragment):
+    with pytest.raises(OptionError, match=re.escape(fragment)) as caught:
         callback(**options)
+    assert caught.value.option == option and str(caught.value).startswith(f"{option}: ")
+
+
+def test_the_callback_keeps_its_own_copy_of_the_config_and_the_run_options():
+    config = PruneConfig(sparsity=0.6, sequential=False, ignore=["down_proj"])
+    cb = OptimaPruning(config, resume_dir="ckpt", execution_device="cpu", progress=False)
+    assert cb.config == config and cb.config is not config                   # later edits to config do not leak in
+    config.ignore.append("up_proj")
+    assert cb.config.ignore == ["down_proj"] and not cb.config.sequential
+    assert cb.run_options.resume_dir == "ckpt" and cb.run_options.execution_device == "cpu"
+    first, second = OptimaPruning(), OptimaPruning()    # the shared default config is copied too
+    first.config.ignore.append("q_proj")
+    assert second.config == PruneConfig() and second.config.ignore == []
 
 
 class ConvBlock(nn.Module):

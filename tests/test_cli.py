@@ -15,14 +15,17 @@ import pytest
 import torch
 import yaml
 
-from callbacks.lm import CausalLM, TextData
-from callbacks.pruning import OptimaPruning
+from optima.callbacks.lm import CausalLM, TextData
+from optima.callbacks.pruning import OptimaPruning
+from optima.config import OptionError, PruneConfig
 from optima.llama2c import load_llama2c, load_llama2c_tokenizer
 from optima.loading import assets_dir
+from optima.solver import SolverOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "tests" / "recipes" / "stories260k-tiny.yaml"
-RECIPE_2OF4 = ROOT / "tests" / "recipes" / "stories260k-tiny-2of4.yaml"
+OVERRIDES_2OF4 = ("--config", str(ROOT / "recipes" / "patterns" / "2of4.yaml"),
+                  "--config", str(ROOT / "recipes" / "methods" / "sparsegpt-optima.yaml"))
 MODEL, TOKENIZER = "assets:stories260K/stories260K.bin", "assets:stories260K/tok512.bin"
 VALID, TEST = "assets:wikitext-2/valid.txt", "assets:wikitext-2/test.txt"
 LOCAL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -37,15 +40,16 @@ pytestmark = [
 ]
 
 
-def optima(*args: str, outputs: Path | None = None) -> subprocess.CompletedProcess:
+def optima(*args: str, outputs: Path | None = None, umask: int | None = None,
+           timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``optima ARGS`` in a fresh interpreter; with ``outputs``, every file it writes goes there."""
     if outputs is not None:
         args = (*args, f"--trainer.default_root_dir={outputs}", f"--model.init_args.save_dir={outputs / 'pruned'}",
                 f"--pruning.report_path={outputs / 'report.json'}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OPTIMA_ASSETS": str(assets_dir())}
-    return subprocess.run([sys.executable, "-m", "callbacks.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "optima.callbacks.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=None if umask is None else lambda: os.umask(umask))
 
 
 def table_values(stdout: str, metric: str) -> list[float]:
@@ -139,11 +143,13 @@ def test_lm_eval_section_runs_local_tasks_on_dense_and_pruned(tmp_path):
 def test_fit_2of4_one_pass(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run = optima("fit", "--config", str(RECIPE_2OF4), outputs=tmp_path)
+    run = optima("fit", "--config", str(RECIPE), *OVERRIDES_2OF4, "--pruning.config.sequential=false",
+                 "--evaluate=false", outputs=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert [r["layer"] for r in report["layers"]] == NAMES
     assert report["config"]["pattern"] == "2:4" and report["config"]["mask"] == "sparsegpt"
+    assert report["config"]["update"] == "optima" and report["config"]["sequential"] is False
     assert all(r["objective"] <= r["objective_none"] for r in report["layers"])
     assert "Evaluation: dense vs pruned" not in run.stdout                # evaluate: false
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True)
@@ -154,13 +160,13 @@ def test_fit_2of4_one_pass(tmp_path):
 
 
 def test_print_config_resolves_the_recipe_and_overrides():
-    run = optima("fit", "--config", str(RECIPE), "--pruning.sparsity=0.25", "--print_config")
+    run = optima("fit", "--config", str(RECIPE), "--pruning.config.sparsity=0.25", "--print_config")
     assert run.returncode == 0, run.stderr[-3000:]
     config = yaml.safe_load(run.stdout)
-    assert config["pruning"]["sparsity"] == 0.25
-    assert config["pruning"]["mask"] == "wanda" and config["pruning"]["compile"] is False
+    assert config["pruning"]["config"]["sparsity"] == 0.25
+    assert config["pruning"]["config"]["mask"] == "wanda" and config["pruning"]["config"]["solver"]["compile"] is False
     assert config["pruning"]["calibration_samples"] == 8
-    assert config["model"]["class_path"] == "callbacks.lm.CausalLM"
+    assert config["model"]["class_path"] == "optima.callbacks.lm.CausalLM"
     assert config["model"]["init_args"]["model"] == MODEL
     assert config["data"]["init_args"]["seq_len"] == 64
     assert config["trainer"]["max_epochs"] == 0
@@ -171,33 +177,62 @@ def test_optima_console_script_runs_the_cli():
     from importlib.metadata import entry_points
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "optima"]
-    assert script.value == "callbacks.cli:main"
+    assert script.value == "optima.callbacks.cli:main"
 
 
 def test_validate_evaluates_the_dense_model_without_pruning(tmp_path, dense):
     run = optima("validate", "--config", str(RECIPE), outputs=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    # Lightning's table has a column per dataloader (perplexity windows, zero-shot items); epoch metrics repeat
-    ppl, *same = table_values(run.stdout, "val/perplexity")
-    assert ppl == pytest.approx(perplexity(dense), rel=1e-5) and set(same) <= {ppl}
-    assert set(table_values(run.stdout, "val/sparsity")) == {0.0}
+    # one table with one value per metric (not Lightning's column per dataloader)
+    (ppl,) = table_values(run.stdout, "val/perplexity")
+    assert ppl == pytest.approx(perplexity(dense), rel=1e-5)
+    assert table_values(run.stdout, "val/sparsity") == [0.0]
+    assert "protocol: calibration=" in run.stdout
     assert not (tmp_path / "report.json").exists() and not (tmp_path / "pruned").exists()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--pruning.sparsity=1.5"], "ValueError: sparsity must be in (0, 1), got 1.5"),
-    (["--pruning.mask=wanda", "--pruning.update=sparsegpt"], "ValueError: update='sparsegpt'"),
-    (["--pruning.pattern=4:8"], "ValueError: pattern 4:8 needs d_in divisible by 8, got 172"),
-    (["--model.init_args.model=/nonexistent/model"], "FileNotFoundError: model path not found: /nonexistent/model"),
+@pytest.mark.parametrize("args, message", [
+    (["--pruning.config.sparsity=1.5"], "--pruning.config.sparsity: sparsity must be in (0, 1), got 1.5"),
+    (["--pruning.config.pattern=5:4"], "--pruning.config.pattern: pattern '5:4' needs 0 < N < M"),
+    (["--pruning.config.mask=foo"], "Parser key \"pruning.config.mask\": Expected a typing.Literal['magnitude', "
+                                    "'wanda', 'sparsegpt', 'sparsegpt-rowwise', 'thanos']. Got value: foo"),
+    (["--pruning.config.update=sparsegpt"], "--pruning.config.update: 'sparsegpt' is sparsegpt's own update"),
+    (["--pruning.config.pattern=4:8", "--pruning.config.sparsity=null"],
+     "--pruning.config.pattern: pattern 4:8 needs d_in divisible by 8, got 172 (model.layers.0.mlp.down_proj)"),
+    (["--pruning.calibration_samples=0"], "--pruning.calibration_samples: must be >= 1, got 0"),
+    (["--data.init_args.seq_len=1"], "--data.init_args.seq_len: must be >= 2, got 1"),
+    (["--model.init_args.model=/nonexistent/model"], "model path not found: /nonexistent/model"),
     (["--data.init_args.calibration=/nonexistent/calibration.txt"],
-     "FileNotFoundError: text file not found: /nonexistent/calibration.txt"),
+     "text file not found: /nonexistent/calibration.txt"),
 ])
-def test_cli_rejects_bad_input_before_pruning(tmp_path, args, fragment):
+def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, args, message):
     run = optima("fit", "--config", str(RECIPE), *args, outputs=tmp_path)
-    assert run.returncode != 0
-    assert fragment in run.stderr, run.stderr[-3000:]
-    assert "OPTIMA pruning report" not in run.stdout
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.startswith(f"optima: error: {message}") and run.stderr.count("\n") == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "OPTIMA pruning report" not in run.stdout
     assert not (tmp_path / "report.json").exists() and not (tmp_path / "pruned").exists()
+
+
+def test_help_says_what_the_tool_does_and_lists_the_recipes():
+    run = optima("--help")
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = " ".join(run.stdout.split())
+    assert "Prune a language model one-shot" in text
+    for recipe in ("recipes/smollm2.yaml", "recipes/stories260k.yaml", "recipes/methods/sparsegpt.yaml",
+                   "recipes/patterns/2of4.yaml"):
+        assert recipe in text
+    fit_help = " ".join(optima("fit", "--help").stdout.split())
+    assert "--pruning.config.mask {magnitude,wanda,sparsegpt,sparsegpt-rowwise,thanos}" in fit_help
+    assert "Which weights to zero: magnitude" in fit_help                 # PruneConfig's Args: text
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    run = optima("fit", "--config", str(RECIPE), "--evaluate=false", outputs=tmp_path, umask=0o022)
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = [tmp_path / "report.json", *(tmp_path / "pruned").iterdir()]
+    assert len(files) > 3 and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+    assert oct((tmp_path / "pruned").stat().st_mode & 0o777) == "0o755"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no staging leftovers
 
 
 # ------------------------------------------------------------------------------------ the CLI's modules
@@ -216,10 +251,12 @@ def test_text_data_missing_paths_and_bad_sizes(tmp_path):
         TextData(TOKENIZER, missing)
     with pytest.raises(FileNotFoundError, match="text file not found: assets:wikitext-2/nope.txt"):
         TextData(TOKENIZER, VALID, evaluation="assets:wikitext-2/nope.txt")
-    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+    with pytest.raises(OptionError, match="seq_len: must be >= 2"):
         TextData(TOKENIZER, VALID, seq_len=1)
-    with pytest.raises(ValueError, match="calibration_samples and batch_size must be >= 1"):
+    with pytest.raises(OptionError, match="calibration_samples: must be >= 1"):
         TextData(TOKENIZER, VALID, calibration_samples=0)
+    with pytest.raises(OptionError, match="batch_size: must be >= 1"):
+        TextData(TOKENIZER, VALID, batch_size=0)
 
 
 @pytest.mark.parametrize("text, tokens", [("", 0), ("Once upon a time there was a cat.", None)])
@@ -228,7 +265,7 @@ def test_too_short_calibration_text_fails_before_pruning(tmp_path, text, tokens)
     path.write_text(text)
     module = CausalLM(model=MODEL)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    pruning = OptimaPruning(calibration_samples=8, compile=False, progress=False,
+    pruning = OptimaPruning(PruneConfig(solver=SolverOptions(compile=False)), calibration_samples=8, progress=False,
                             report_path=str(tmp_path / "report.json"))
     trainer = pl.Trainer(max_epochs=0, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning])
@@ -244,7 +281,7 @@ def test_causal_lm_and_text_data_prune_and_fine_tune_in_process(tmp_path, dense)
     """The CLI's modules with the callback in a plain Trainer: prune, 3 sparse steps, save."""
     module = CausalLM(model=MODEL, learning_rate=1e-3, save_dir=str(tmp_path / "pruned"), tokenizer=TOKENIZER)
     data = TextData(TOKENIZER, VALID, TEST, seq_len=32, calibration_samples=8, batch_size=4, eval_windows=2)
-    pruning = OptimaPruning(calibration_samples=8, compile=False, progress=False)
+    pruning = OptimaPruning(PruneConfig(solver=SolverOptions(compile=False)), calibration_samples=8, progress=False)
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning],
                          num_sanity_val_steps=0)
@@ -264,3 +301,28 @@ def test_causal_lm_and_text_data_prune_and_fine_tune_in_process(tmp_path, dense)
     for name in NAMES:
         torch.testing.assert_close(saved.get_submodule(name).weight, module.model.get_submodule(name).weight,
                                    rtol=0, atol=0)
+
+
+def readme_table(model: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The README's quality table of ``model``: (pattern, method) -> {column: cell}."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"**{model}**"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    header, body = rows[0], rows[2:]
+    return {(r[0], r[1]): dict(zip(header, r)) for r in body}
+
+
+def test_readme_numbers_for_the_stories_recipe_are_what_its_command_prints(tmp_path):
+    """The README's stories260K rows come from ``optima fit --config recipes/stories260k.yaml [--config METHOD]``."""
+    table = readme_table("stories260K")
+    for method, overrides in (("Wanda+OPTIMA", ()), ("SparseGPT", ("--config", "recipes/methods/sparsegpt.yaml"))):
+        run = optima("fit", "--config", "recipes/stories260k.yaml", *overrides, "--trainer.enable_progress_bar=false",
+                     "--pruning.progress=false", outputs=tmp_path / method, timeout=1200)
+        assert run.returncode == 0, run.stderr[-3000:]
+        dense, pruned = table_values(run.stdout, "val/perplexity")
+        assert dense == pytest.approx(float(table[("-", "dense")]["text ppl"]), rel=1e-4)
+        assert pruned == pytest.approx(float(table[("50%", method)]["text ppl"]), rel=1e-3)

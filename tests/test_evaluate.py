@@ -8,10 +8,12 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import OptimaPruning
-from callbacks.lm import CausalLM, TextData
+from optima.callbacks import OptimaPruning
+from optima.callbacks.lm import CausalLM, TextData
+from optima.config import PruneConfig
 from optima.evaluate import block_output_errors
 from optima.loading import assets_dir
+from optima.solver import SolverOptions
 
 STORIES = assets_dir() / "stories260K" / "stories260K.bin"
 
@@ -23,7 +25,8 @@ def test_block_errors_zero_for_dense_and_grow_along_the_pruned_stack():
                     seq_len=64, calibration_samples=16, batch_size=8, eval_windows=4)
     trainer = L.Trainer(max_epochs=0, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[OptimaPruning(calibration_samples=16, compile=False, progress=False)])
+                        callbacks=[OptimaPruning(PruneConfig(solver=SolverOptions(compile=False)),
+                                                 calibration_samples=16, progress=False)])
     dense_metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     assert all(dense_metrics[f"val/block{i}_rel_error"] == 0 for i in range(5))
     trainer.fit(module, datamodule=data)

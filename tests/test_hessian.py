@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conftest import MINILM_LAYERS, MINILM_SEQ_LEN, MINILM_SEQUENCES
+from torch import nn
+
 from optima import HessianAccumulator, damp_hessian
-from optima.hessian import Damping, cholesky_escalating
+from optima.hessian import Damping, cholesky_escalating, hessian_hooks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -44,6 +46,26 @@ def test_bad_inputs_name_the_layer():
         acc.finalize()
     with pytest.raises(ValueError, match="float32 or float64"):
         HessianAccumulator(8, dtype=torch.bfloat16)
+
+
+def test_hessian_hooks_accumulate_each_layers_inputs_and_are_removed_on_exit():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x = torch.randn(4, 7, 6)
+    with hessian_hooks({"first": net[0], "last": net[2]}, torch.float64) as accumulators:
+        with torch.no_grad():
+            net(x[:2])
+            net(x[2:])
+    assert set(accumulators) == {"first", "last"}
+    assert accumulators["first"].name == "first" and accumulators["first"].sum.dtype == torch.float64
+    inputs = {"first": x.reshape(-1, 6).double(), "last": net[1](net[0](x)).detach().reshape(-1, 5).double()}
+    for name, acc in accumulators.items():
+        assert acc.tokens == 28
+        torch.testing.assert_close(acc.finalize(), inputs[name].T @ inputs[name] / 28, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        net(x)                                                  # after the block: no hook left behind
+    assert all(acc.tokens == 28 for acc in accumulators.values())
+    assert not net[0]._forward_pre_hooks and not net[2]._forward_pre_hooks
 
 
 def test_reduce_sums_partial_hessians():
@@ -113,3 +135,41 @@ def test_real_minilm_hessians_are_symmetric_psd_means(minilm_layers):
         assert (hessian.diagonal() > 0).all(), name  # every input was active on some token
         if name.endswith("output.dense"):  # d=1536 from 16 x 128 = 2048 tokens: far from well conditioned
             assert MINILM_SEQUENCES * MINILM_SEQ_LEN == 2048 and eig.max() / eig.min().clamp_min(1e-300) > 1e5
+
+
+def test_layers_reading_the_same_input_share_one_hessian():
+    """A Llama block: q/k/v read one tensor, gate/up another; 4 accumulators instead of 7, each exact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    block = model.model.layers[0]
+    layers = {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: captured[n].append(args[0].detach().clone()))
+               for n, m in layers.items()]
+    ids = torch.randint(0, 64, (3, 2, 10))
+    with hessian_hooks(layers, torch.float64) as accumulators, torch.no_grad():
+        for batch in ids:
+            model(input_ids=batch)
+    for h in handles:
+        h.remove()
+    assert len({id(acc) for acc in accumulators.values()}) == 4
+    assert accumulators["self_attn.q_proj"] is accumulators["self_attn.k_proj"] is accumulators["self_attn.v_proj"]
+    assert accumulators["mlp.gate_proj"] is accumulators["mlp.up_proj"]
+    for name, acc in accumulators.items():
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured[name]]).double()
+        assert acc.tokens == 60
+        torch.testing.assert_close(acc.finalize(), x.T @ x / 60, rtol=1e-12, atol=1e-12)
+
+
+def test_a_layer_that_stops_sharing_its_input_is_an_error():
+    shared = nn.Linear(4, 4)
+    other = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="b shared the input of a"):
+        with hessian_hooks({"a": shared, "b": other}, torch.float64), torch.no_grad():
+            shared(x), other(x)            # first pass: the same tensor, so b shares a's Hessian
+            shared(x), other(x.clone())    # a later pass: a different tensor

@@ -7,6 +7,7 @@ import torch
 
 from conftest import correlated_hessian
 from optima import Pattern, parse_pattern, prune_weight
+from optima.config import PruneConfig
 from optima.masks import MASK_SCOPES, check_mask, magnitude_scores, mask_from_scores, wanda_scores
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 
@@ -32,7 +33,7 @@ def test_unstructured_prunes_the_exact_count_in_its_scope(layer, mask, sparsity)
     SparseGPT: int(rows * i2 * s) - int(rows * i1 * s) in each block [i1, i2) of 128 columns."""
     weight, hessian = layer
     rows, d = weight.shape
-    result = prune_weight(weight, hessian, sparsity=sparsity, mask=mask, update="none")
+    result = prune_weight(weight, hessian, PruneConfig(sparsity=sparsity, mask=mask, update="none"))
     pruned = ~result.keep
     scope = MASK_SCOPES[mask]
     if scope == "row":
@@ -59,7 +60,7 @@ def test_nm_groups_are_exact(mask, pattern):
     hessian = correlated_hessian(128, seed=1, outlier_scale=10.0).float()
     n, m = map(int, pattern.split(":"))
     update = "sparsegpt" if mask.startswith("sparsegpt") else "optima"
-    result = prune_weight(weight, hessian, pattern=pattern, sparsity=None, mask=mask, update=update)
+    result = prune_weight(weight, hessian, PruneConfig(pattern=pattern, sparsity=None, mask=mask, update=update))
     groups = result.keep.reshape(24, 128 // m, m)
     assert (groups.sum(-1) == n).all()                                  # exactly N kept in every group
     assert (result.weight[~result.keep] == 0).all()
@@ -69,7 +70,8 @@ def test_nm_groups_are_exact(mask, pattern):
     if mask == "magnitude":  # within each group the smallest |w| go
         assert lowest_are_pruned(weight.abs().reshape(24, -1, m), groups)
     if mask == "sparsegpt-rowwise":  # N:M has one rule: the row-wise variant is the same selector
-        reference = prune_weight(weight, hessian, pattern=pattern, sparsity=None, mask="sparsegpt", update=update)
+        reference = prune_weight(weight, hessian, PruneConfig(pattern=pattern, sparsity=None, mask="sparsegpt",
+                                                              update=update))
         assert torch.equal(result.keep, reference.keep) and torch.equal(result.weight, reference.weight)
 
 
@@ -82,7 +84,7 @@ def test_wanda_scores_are_weight_times_input_norm():
     scores = wanda_scores(weight, x.T @ x)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0.0)
     assert (scores[:, 5] == 0).all()
-    result = prune_weight(weight, x.T @ x, mask="wanda", update="none")
+    result = prune_weight(weight, x.T @ x, PruneConfig(mask="wanda", update="none"))
     assert lowest_are_pruned(expected, result.keep)
     assert not result.keep[:, 5].any()
     assert torch.equal(result.keep, mask_from_scores(expected, parse_pattern("unstructured", 0.5)))
@@ -93,7 +95,8 @@ def test_magnitude_prunes_the_smallest_weights(layer, pattern, sparsity):
     weight, hessian = layer
     d = weight.shape[1] // 4 * 4   # N:M needs d divisible by M
     weight, hessian = weight[:, :d], hessian[:d, :d]
-    result = prune_weight(weight, hessian, pattern=pattern, sparsity=sparsity, mask="magnitude", update="none")
+    result = prune_weight(weight, hessian, PruneConfig(pattern=pattern, sparsity=sparsity, mask="magnitude",
+                                                       update="none"))
     groups = weight.numel() if pattern == "unstructured" else 4   # one threshold over the whole layer
     assert lowest_are_pruned(weight.abs().reshape(-1, groups), result.keep.reshape(-1, groups))
     if pattern == "unstructured":
@@ -122,8 +125,8 @@ def test_sparsegpt_update_beats_no_update_on_its_mask(layer):
     weight, hessian = layer
     updated, keep, damping = sparsegpt(weight, hessian, parse_pattern("unstructured", 0.5))
     assert damping.dead_inputs == 1
-    none = prune_weight(weight, hessian, mask="sparsegpt", update="none")
-    ours = prune_weight(weight, hessian, mask="sparsegpt", update="sparsegpt")
+    none = prune_weight(weight, hessian, PruneConfig(mask="sparsegpt", update="none"))
+    ours = prune_weight(weight, hessian, PruneConfig(mask="sparsegpt", update="sparsegpt"))
     assert torch.equal(none.keep, keep) and torch.equal(ours.keep, keep)
     assert ours.stats.objective < none.stats.objective
     torch.testing.assert_close(ours.weight, updated)

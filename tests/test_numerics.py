@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import correlated_hessian
 from optima import SolverOptions, damp_hessian, prune_weight, reconstruction_objective
 from optima.config import PruneConfig
-from optima.sequential import prune_model
+from optima.walk import prune_model
 
 
 def tiny_llama(dtype=torch.float32) -> LlamaForCausalLM:
@@ -27,8 +27,8 @@ def test_outlier_features_x1e4_still_exact(dtype, tol):
     hessian = x.T @ x / 600
     weight = torch.randn(16, 128, generator=g, dtype=torch.float64)
     for method in ("direct", "pcg"):
-        result = prune_weight(weight, hessian, solver_options=SolverOptions(method=method, dtype=dtype,
-                                                                            compile=False))
+        solver = SolverOptions(method=method, dtype=str(dtype).removeprefix("torch."), compile=False)
+        result = prune_weight(weight, hessian, PruneConfig(solver=solver))
         damped, _ = damp_hessian(hessian, 0.01)
         exact = torch.zeros_like(weight)
         for r in range(16):
@@ -66,7 +66,7 @@ def test_half_precision_model_prunes_in_float32_and_keeps_its_dtype(dtype):
 def test_fewer_tokens_than_inputs_is_reported_and_finite():
     hessian = correlated_hessian(256, tokens=64, dead=0, seed=1)  # rank 64 of 256
     weight = torch.randn(32, 256)
-    result = prune_weight(weight, hessian, solver_options=SolverOptions(compile=False))
+    result = prune_weight(weight, hessian, PruneConfig(solver=SolverOptions(compile=False)))
     assert torch.isfinite(result.weight).all()
     assert result.stats.objective < result.stats.objective_none
     assert result.stats.unconverged_rows == 0

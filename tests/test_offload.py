@@ -9,8 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from optima.config import PruneConfig
-from optima.sequential import prune_model
 from optima.solver import SolverOptions
+from optima.walk import RunOptions, prune_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -23,9 +23,10 @@ def test_offloaded_walk_matches_in_place_walk(device):
     model = LlamaForCausalLM(config)
     twin = copy.deepcopy(model)
     batches = list(torch.randint(0, 64, (8, 16)).split(4))
-    options = PruneConfig(solver=SolverOptions(compile=False, dtype=torch.float64), hessian_dtype=torch.float64)
+    options = PruneConfig(solver=SolverOptions(compile=False, dtype="float64"), hessian_dtype="float64")
     prune_model(model, batches, lambda b: model(input_ids=b, use_cache=False), options)
-    prune_model(twin, batches, lambda b: twin(input_ids=b, use_cache=False), options, execution_device=device)
+    prune_model(twin, batches, lambda b: twin(input_ids=b, use_cache=False), options,
+                RunOptions(execution_device=device))
     assert all(p.device.type == "cpu" for p in twin.parameters())  # every block went back home
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from optima import SolverOptions, parse_pattern, prune_weight
+from optima.config import OWN_UPDATES, PruneConfig
 from optima.masks import MASK_SCOPES, check_mask
-from optima.prune import OWN_UPDATES
 
 
 @st.composite
@@ -40,9 +40,9 @@ def test_pruning_never_breaks_its_promises(p):
     weight = torch.randn(p["rows"], p["d"], generator=g).to(p["dtype"])
     own = next((u for u in OWN_UPDATES if p["mask"].startswith(u)), None)   # the selector's own update
     update = own if own and p["seed"] % 2 else "optima"
-    result = prune_weight(weight, x.T @ x / p["tokens"], sparsity=p["sparsity"], pattern=p["pattern"],
-                          mask=p["mask"], update=update, damp=p["damp"],
-                          solver_options=SolverOptions(method=p["method"], compile=False))
+    config = PruneConfig(sparsity=p["sparsity"], pattern=p["pattern"], mask=p["mask"], update=update, damp=p["damp"],
+                         solver=SolverOptions(method=p["method"], compile=False))
+    result = prune_weight(weight, x.T @ x / p["tokens"], config)
     assert result.weight.dtype == p["dtype"]
     assert torch.isfinite(result.weight).all()
     assert (result.weight[~result.keep] == 0).all()

@@ -25,9 +25,10 @@ import torch
 
 from conftest import correlated_hessian, exact_update
 from optima import SolverOptions, prune_weight
+from optima.config import PruneConfig
 from optima.hessian import damp_hessian
 
-F64 = SolverOptions(dtype=torch.float64, compile=False)
+F64 = SolverOptions(dtype="float64", compile=False)
 SHAPES = [(24, 200), (12, 384)]           # 200: a last block of 72 columns; 384: three full blocks
 DAMP = 0.01
 
@@ -122,8 +123,8 @@ def toolkit_args(pattern: str) -> dict:
 def test_sparsegpt_follows_the_reference_rule(shape, pattern):
     weight, hessian = layer(*shape, seed=shape[1])
     expected, keep = reference_sparsegpt(weight, hessian, **pattern_args(pattern))
-    ours = prune_weight(weight, hessian, mask="sparsegpt", update="sparsegpt", damp=DAMP, solver_options=F64,
-                        **toolkit_args(pattern))
+    ours = prune_weight(weight, hessian, PruneConfig(mask="sparsegpt", update="sparsegpt", damp=DAMP, solver=F64,
+                                                     **toolkit_args(pattern)))
     assert torch.equal(ours.keep, keep)
     torch.testing.assert_close(ours.weight, expected, rtol=1e-6, atol=1e-8)
     if pattern[0] == "0":  # one threshold per block: the rows differ, the layer total is exact
@@ -135,12 +136,12 @@ def test_sparsegpt_follows_the_reference_rule(shape, pattern):
 def test_sparsegpt_rowwise_keeps_its_per_row_rule(shape):
     weight, hessian = layer(*shape, seed=shape[1])
     expected, keep = reference_sparsegpt(weight, hessian, sparsity=0.6, rowwise=True)
-    ours = prune_weight(weight, hessian, sparsity=0.6, mask="sparsegpt-rowwise", update="sparsegpt", damp=DAMP,
-                        solver_options=F64)
+    ours = prune_weight(weight, hessian, PruneConfig(sparsity=0.6, mask="sparsegpt-rowwise", update="sparsegpt",
+                                                     damp=DAMP, solver=F64))
     assert torch.equal(ours.keep, keep)
     assert ((~keep).sum(1) == int(257 * 0.6)).all()
     torch.testing.assert_close(ours.weight, expected, rtol=1e-6, atol=1e-8)
-    block_rule = prune_weight(weight, hessian, sparsity=0.6, mask="sparsegpt", update="none", solver_options=F64)
+    block_rule = prune_weight(weight, hessian, PruneConfig(sparsity=0.6, mask="sparsegpt", update="none", solver=F64))
     assert not torch.equal(block_rule.keep, keep)
 
 
@@ -152,7 +153,7 @@ def test_score_selectors_follow_the_reference_rule(shape, pattern, mask):
     weight, hessian = layer(*shape, seed=shape[1] + 7)
     args = pattern_args(pattern)
     keep = reference_magnitude(weight, **args) if mask == "magnitude" else reference_wanda(weight, hessian, **args)
-    ours = prune_weight(weight, hessian, mask=mask, update="none", solver_options=F64, **toolkit_args(pattern))
+    ours = prune_weight(weight, hessian, PruneConfig(mask=mask, update="none", solver=F64, **toolkit_args(pattern)))
     assert torch.equal(ours.keep, keep)
     if mask == "magnitude" and pattern[0] == "0":
         assert (~keep).sum(1).unique().numel() > 1      # one layer threshold: rows differ
@@ -163,9 +164,9 @@ def test_score_selectors_follow_the_reference_rule(shape, pattern, mask):
 def test_optima_update_is_exact_on_unevenly_pruned_rows(mask, sparsity, method):
     """Rows with different kept counts: both solver paths reach the float64 per-row optimum."""
     weight, hessian = layer(24, 200, seed=11)
-    options = SolverOptions(method=method, dtype=torch.float64, tol=1e-12, compile=False)
-    result = prune_weight(weight, hessian, sparsity=sparsity, mask=mask, update="optima", damp=DAMP,
-                          solver_options=options)
+    options = SolverOptions(method=method, dtype="float64", tol=1e-12, compile=False)
+    result = prune_weight(weight, hessian, PruneConfig(sparsity=sparsity, mask=mask, update="optima", damp=DAMP,
+                                                       solver=options))
     counts = (~result.keep).sum(1)
     assert counts.unique().numel() > 1 and int(counts.sum()) == int(weight.numel() * sparsity)
     assert result.stats.solver_method == method and not result.stats.fell_back_to_none

@@ -19,8 +19,8 @@ SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     from optima.config import PruneConfig
     from optima.loading import load_model
-    from optima.sequential import prune_model
     from optima.solver import SolverOptions
+    from optima.walk import RunOptions, prune_model
     torch.manual_seed(0)
     model = load_model("assets:stories260K/stories260K.bin")
     batches = list(torch.randint(0, 512, (16, 64)).split(4))
@@ -29,8 +29,8 @@ SCRIPT = textwrap.dedent("""
         if i == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     config = PruneConfig(sparsity=0.5, mask="sparsegpt", update="optima", solver=SolverOptions(compile=False))
-    prune_model(model, batches, lambda b: model(input_ids=b, use_cache=False), config,
-                on_block=on_block, resume_dir=sys.argv[1] if sys.argv[1] != "-" else None)
+    run = RunOptions(on_block=on_block, resume_dir=sys.argv[1] if sys.argv[1] != "-" else None)
+    prune_model(model, batches, lambda b: model(input_ids=b, use_cache=False), config, run)
     torch.save(model.state_dict(), sys.argv[2])
 """)
 

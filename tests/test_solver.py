@@ -8,12 +8,15 @@ damped Hessian, the problem OPTIMA solves exactly.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
 
+import optima.solver as solver_module
 from conftest import correlated_hessian, damped_objective, exact_update
 from optima import SolverOptions, damp_hessian, prune_weight, solve_box_qp
+from optima.config import OptionError, PruneConfig
 from optima.solver import choose_method, solve_pinned
 
 DAMP = 0.01
@@ -26,7 +29,12 @@ KINDS = {  # x100 outliers (as in LLM activations), and an ill-conditioned spect
 
 
 def options(method="direct", preconditioner="hinv", dtype=torch.float64, **kw) -> SolverOptions:
-    return SolverOptions(method=method, preconditioner=preconditioner, dtype=dtype, compile=False, **kw)
+    return SolverOptions(method=method, preconditioner=preconditioner, dtype=str(dtype).removeprefix("torch."),
+                         compile=False, **kw)
+
+
+def config(solver: SolverOptions | None = None, **kw) -> PruneConfig:
+    return PruneConfig(solver=solver or SolverOptions(), **kw)
 
 
 @functools.cache
@@ -34,7 +42,7 @@ def random_problem(d: int, kind: str, sparsity: float = 0.5):
     """Weights, Hessian, Wanda mask and the float64 optimum of a random correlated layer (24 rows)."""
     hessian = correlated_hessian(d, seed=d, **KINDS[kind])
     weight = torch.randn(24, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    keep = prune_weight(weight, hessian, sparsity=sparsity, mask="wanda", update="none").keep
+    keep = prune_weight(weight, hessian, config(sparsity=sparsity, mask="wanda", update="none")).keep
     best = damped_objective(exact_update(weight, hessian, keep, DAMP), weight, hessian, DAMP)
     return weight, hessian, keep, best
 
@@ -45,8 +53,7 @@ def random_problem(d: int, kind: str, sparsity: float = 0.5):
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["f64", "f32"])
 def test_matches_exact_optimum_on_hard_random_hessians(d, kind, method, preconditioner, dtype, tol):
     weight, hessian, keep, best = random_problem(d, kind)
-    result = prune_weight(weight, hessian, keep=keep, damp=DAMP,
-                          solver_options=options(method, preconditioner, dtype))
+    result = prune_weight(weight, hessian, config(options(method, preconditioner, dtype), damp=DAMP), keep=keep)
     got = damped_objective(result.weight, weight, hessian, DAMP)
     assert abs(got - best) <= tol * best
     assert got <= damped_objective(weight * keep, weight, hessian, DAMP)
@@ -62,7 +69,7 @@ def test_matches_exact_optimum_on_hard_random_hessians(d, kind, method, precondi
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["f64", "f32"])
 def test_exact_at_other_sparsities(sparsity, method, preconditioner, dtype, tol):
     weight, hessian, keep, best = random_problem(257, "illcond", sparsity)
-    result = prune_weight(weight, hessian, keep=keep, damp=DAMP, solver_options=options(method, preconditioner, dtype))
+    result = prune_weight(weight, hessian, config(options(method, preconditioner, dtype), damp=DAMP), keep=keep)
     assert abs(damped_objective(result.weight, weight, hessian, DAMP) - best) <= tol * best
 
 
@@ -72,7 +79,7 @@ def real_problems(minilm_layers):
     out = {}
     for name, (weight, hessian) in minilm_layers.items():
         w = weight[:32]
-        sgpt = prune_weight(w, hessian, mask="sparsegpt", update="sparsegpt", damp=DAMP)
+        sgpt = prune_weight(w, hessian, config(mask="sparsegpt", update="sparsegpt", damp=DAMP))
         best = damped_objective(exact_update(w, hessian, sgpt.keep, DAMP), w, hessian, DAMP)
         out[name] = (w, hessian, sgpt, best)
     return out
@@ -82,8 +89,7 @@ def real_problems(minilm_layers):
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["f64", "f32"])
 def test_real_minilm_layers_exact_and_never_worse(real_problems, method, preconditioner, dtype, tol):
     for name, (w, hessian, sgpt, best) in real_problems.items():
-        ours = prune_weight(w, hessian, mask="sparsegpt", damp=DAMP,
-                            solver_options=options(method, preconditioner, dtype))
+        ours = prune_weight(w, hessian, config(options(method, preconditioner, dtype), mask="sparsegpt", damp=DAMP))
         assert torch.equal(ours.keep, sgpt.keep), name
         got = damped_objective(ours.weight, w, hessian, DAMP)
         assert abs(got - best) <= tol * best, name
@@ -100,11 +106,11 @@ def test_real_minilm_layers_other_masks(minilm_layers, mask, pattern):
     sparsity = None if pattern == "2:4" else 0.5
     for name, (weight, hessian) in minilm_layers.items():
         w = weight[:16]
-        none = prune_weight(w, hessian, sparsity=sparsity, pattern=pattern, mask=mask, update="none", damp=DAMP)
+        none = prune_weight(w, hessian, config(sparsity=sparsity, pattern=pattern, mask=mask, update="none", damp=DAMP))
         best = damped_objective(exact_update(w, hessian, none.keep, DAMP), w, hessian, DAMP)
         for method in ("direct", "pcg"):
-            ours = prune_weight(w, hessian, sparsity=sparsity, pattern=pattern, mask=mask, damp=DAMP,
-                                solver_options=options(method, dtype=torch.float32))
+            ours = prune_weight(w, hessian, config(options(method, dtype=torch.float32), sparsity=sparsity,
+                                                   pattern=pattern, mask=mask, damp=DAMP))
             assert torch.equal(none.keep, ours.keep), name
             got = damped_objective(ours.weight, w, hessian, DAMP)
             assert abs(got - best) <= 1e-4 * best, (name, method)
@@ -116,14 +122,56 @@ def test_real_minilm_layers_other_masks(minilm_layers, mask, pattern):
 def test_compiled_and_eager_solver_agree():
     hessian = correlated_hessian(64, seed=3, outlier_scale=10.0, decay=1e-2).float()
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    assert solver_module._step_for(True, torch.device("cpu")) is solver_module._compiled_cg_step()
+    assert solver_module._step_for(False, torch.device("cpu")) is solver_module._cg_step
+    assert solver_module._step_for(None, torch.device("cpu")) is solver_module._cg_step   # default: CUDA only
     runs = {}
     for compile in (False, True):
         solver = SolverOptions(method="pcg", compile=compile)
-        runs[compile] = prune_weight(weight, hessian, solver_options=solver)
-        assert solver.compile == compile  # no silent fallback to eager
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[compile] = prune_weight(weight, hessian, config(solver))
+        fallbacks = [w for w in caught if "torch.compile of the CG step failed" in str(w.message)]
+        assert not fallbacks, fallbacks[0].message if fallbacks else None   # no silent fallback to eager
+        assert solver.compile == compile
     torch.testing.assert_close(runs[True].weight, runs[False].weight, rtol=1e-5, atol=1e-6)
     assert runs[True].stats.cg_iterations_mean == pytest.approx(runs[False].stats.cg_iterations_mean, abs=1)
     assert runs[True].stats.cg_iterations_mean > 3 and runs[True].stats.unconverged_rows == 0
+
+
+def test_a_failing_compile_warns_and_finishes_eagerly_without_touching_the_options(monkeypatch):
+    hessian = correlated_hessian(64, seed=3, outlier_scale=10.0, decay=1e-2).float()
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    eager = prune_weight(weight, hessian, config(SolverOptions(method="pcg", compile=False)))
+    attempts = []
+
+    def broken_step(*args):
+        attempts.append(1)
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(solver_module, "_compiled_cg_step", lambda: broken_step)
+    solver = SolverOptions(method="pcg", compile=True)
+    for run in (1, 2):   # the options are not changed: every solve tries the compiled step again
+        with pytest.warns(RuntimeWarning, match=r"torch\.compile of the CG step failed \(RuntimeError: simulated "
+                                                r"compiler failure\); running it eagerly"):
+            result = prune_weight(weight, hessian, config(solver))
+        assert solver.compile is True
+        assert len(attempts) == run
+        assert torch.equal(result.weight, eager.weight) and torch.equal(result.keep, eager.keep)
+        assert result.stats.cg_iterations_mean == eager.stats.cg_iterations_mean
+        assert result.stats.unconverged_rows == 0
+
+
+def test_an_eager_step_error_is_not_swallowed(monkeypatch):
+    def broken_step(*args):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(solver_module, "_cg_step", broken_step)
+    hessian = correlated_hessian(32, seed=3).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeError, match="a real bug"):
+            prune_weight(torch.randn(4, 32), hessian, config(SolverOptions(method="pcg", compile=False)))
 
 
 def test_row_batches_of_any_size_give_the_same_answer():
@@ -162,8 +210,8 @@ def test_rows_with_different_kept_counts_batch_together():
 
 def test_cg_limit_is_reported_and_still_improves():
     weight, hessian, keep, best = random_problem(257, "illcond")
-    result = prune_weight(weight, hessian, keep=keep, damp=DAMP,
-                          solver_options=options("pcg", "jacobi", max_iter=3, check_every=1))
+    result = prune_weight(weight, hessian, config(options("pcg", "jacobi", max_iter=3, check_every=1), damp=DAMP),
+                          keep=keep)
     assert result.stats.unconverged_rows == weight.shape[0] and result.stats.cg_iterations_max == 3
     assert any("did not reach the CG tolerance" in note for note in result.stats.notes)
     got = damped_objective(result.weight, weight, hessian, DAMP)
@@ -173,15 +221,23 @@ def test_cg_limit_is_reported_and_still_improves():
 def test_auto_method_follows_the_cost_rule():
     for d in (64, 512):
         weight, hessian, keep, _ = random_problem(d, "outliers")
-        result = prune_weight(weight, hessian, keep=keep, solver_options=options("auto"))
+        result = prune_weight(weight, hessian, config(options("auto")), keep=keep)
         assert result.stats.solver_method == choose_method(d, d // 2)
     assert choose_method(16, 8) == "direct" and choose_method(4096, 2048) == "pcg"
 
 
 def test_solver_options_are_validated():
-    for bad in (dict(method="cholesky"), dict(preconditioner="ilu"), dict(dtype=torch.bfloat16)):
-        with pytest.raises(ValueError):
+    for bad, option in ((dict(method="cholesky"), "solver.method"),
+                        (dict(preconditioner="ilu"), "solver.preconditioner"),
+                        (dict(dtype="bfloat16"), "solver.dtype"), (dict(dtype=torch.bfloat16), "solver.dtype"),
+                        (dict(dtype=torch.float64), "solver.dtype"),   # a string now: "float64"
+                        (dict(tol=0.0), "solver.tol"), (dict(max_iter=0), "solver.max_iter"),
+                        (dict(max_newton=0), "solver.max_newton"), (dict(check_every=0), "solver.check_every")):
+        with pytest.raises(OptionError) as caught:
             SolverOptions(**bad)
+        assert caught.value.option == option
+    assert SolverOptions(dtype="float64").torch_dtype == torch.float64
+    assert SolverOptions().dtype == "float32" and SolverOptions().torch_dtype == torch.float32
 
 
 # -- general box bounds ---------------------------------------------------------------------------

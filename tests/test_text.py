@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from callbacks.lm import TextData
+from optima.callbacks.lm import TextData
 from optima.loading import assets_dir
 from optima.text import bos_token_id, prefix_token
 

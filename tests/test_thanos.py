@@ -7,10 +7,11 @@ import torch
 
 from conftest import correlated_hessian, damped_objective, exact_update
 from optima import SolverOptions, parse_pattern, prune_weight, reconstruction_objective
+from optima.config import PruneConfig
 from optima.hessian import damp_hessian
 from optima.thanos import thanos
 
-DIRECT = SolverOptions(method="direct", dtype=torch.float64, compile=False)
+DIRECT = SolverOptions(method="direct", dtype="float64", compile=False)
 
 
 def slow_thanos(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
@@ -62,7 +63,7 @@ def test_matches_a_slow_loop_of_the_reference_rule(pattern, nm):
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_unstructured_meets_the_layer_budget_with_uneven_rows(sparsity):
     weight, hessian = problem(24, 100, seed=3, dtype=torch.float32)
-    result = prune_weight(weight, hessian, sparsity=sparsity, mask="thanos", update="thanos", blocksize=32)
+    result = prune_weight(weight, hessian, PruneConfig(sparsity=sparsity, mask="thanos", update="thanos", blocksize=32))
     pruned = (~result.keep).sum(1)
     assert int(pruned.sum()) == int(24 * 100 * sparsity)   # one budget for the layer (0.3: 720, not 719)
     assert pruned.min() < pruned.max()                      # ... not the same count in every row
@@ -76,7 +77,8 @@ def test_nm_groups_are_exact(pattern):
     n, m = map(int, pattern.split(":"))
     weight, hessian = problem(24, 136, seed=4, dtype=torch.float32)   # 136 = 128 + 8
     for update in ("thanos", "optima"):
-        result = prune_weight(weight, hessian, pattern=pattern, sparsity=None, mask="thanos", update=update)
+        config = PruneConfig(pattern=pattern, sparsity=None, mask="thanos", update=update)
+        result = prune_weight(weight, hessian, config)
         assert (result.keep.reshape(24, -1, m).sum(-1) == n).all()
         assert (result.weight[~result.keep] == 0).all()
         assert (result.weight[result.keep] != 0).all()
@@ -92,7 +94,7 @@ def test_one_block_is_the_exact_optimum_for_its_mask(pattern):
 def objectives(weight: torch.Tensor, hessian: torch.Tensor, pattern: str, blocksize: int) -> dict[str, float]:
     """Undamped and damped objectives of no update, Thanos' update and OPTIMA's, all on Thanos' mask."""
     new, keep, damping = thanos(weight, hessian, parse_pattern(pattern, 0.5), blocksize=blocksize)
-    optima = prune_weight(weight, hessian, keep=keep, update="optima", solver_options=DIRECT)
+    optima = prune_weight(weight, hessian, PruneConfig(update="optima", solver=DIRECT), keep=keep)
     assert damping.value == optima.stats.damping
     none = weight * keep
     return {"none": reconstruction_objective(none, weight, hessian),

@@ -1,0 +1,55 @@
+"""What the CLI's Lightning modules share: ``PrunableModule`` and the data modules' option checks.
+
+It holds the transformers model as ``self.model`` (the attribute ``OptimaPruning``
+prunes), fine-tunes all of it with AdamW if the fit goes on after pruning, and saves it
+with ``save_pretrained`` when the fit ends.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from optima.config import OptionError
+from optima.evaluate import layer_sparsity
+from optima.loading import load_model, save_pretrained_atomic
+
+
+class PrunableModule(pl.LightningModule):
+    """Base of ``CausalLM`` and ``SentenceEncoder``; subclasses call ``save_hyperparameters()``."""
+
+    def __init__(self, model: str, kind: str, dtype: str) -> None:
+        super().__init__()
+        self.model = load_model(model, kind, dtype)
+
+    @property
+    def tokenizer_spec(self) -> str | None:
+        """The tokenizer saved beside the pruned model."""
+        return self.hparams.get("tokenizer") or self.hparams.model
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return layer_sparsity(self.model)
+
+    @override
+    def on_train_start(self) -> None:
+        self.model.train()  # from_pretrained returns eval mode; fine-tuning wants dropout back
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=self.hparams.learning_rate)
+
+    @override
+    def on_fit_end(self) -> None:
+        if self.hparams.save_dir and self.trainer.is_global_zero:
+            save_pretrained_atomic(self.model, self.hparams.save_dir, self.tokenizer_spec)
+
+
+def check_window_options(seq_len: int, calibration_samples: int, batch_size: int) -> None:
+    """Raise ``OptionError`` for window sizes a data module cannot serve (the CLI names the option)."""
+    if seq_len < 2:
+        raise OptionError("data.init_args.seq_len", f"must be >= 2, got {seq_len}")
+    if calibration_samples < 1:  # the CLI links it from pruning.calibration_samples
+        raise OptionError("pruning.calibration_samples", f"must be >= 1, got {calibration_samples}")
+    if batch_size < 1:
+        raise OptionError("data.init_args.batch_size", f"must be >= 1, got {batch_size}")

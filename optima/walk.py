@@ -1,0 +1,243 @@
+"""The block-by-block walk over a model: calibrate, prune, propagate.
+
+Sequential walk (SparseGPT's and the paper's scheme): the inputs of the first block
+are captured once per calibration batch; then for each block in turn its linear
+layers' Hessians are accumulated from those inputs, the layers are pruned, and the
+pruned block is run again to produce the next block's inputs. Only one block's
+Hessians are alive at a time and no block runs more than twice per batch.
+One-pass walk: every layer's Hessian from a single pass of the dense model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from optima.config import PruneConfig
+from optima.hessian import HessianAccumulator, hessian_hooks
+from optima.model import find_blocks, layers_by_block, set_weight_rows, weight_rows
+from optima.prune import prune_weight
+from optima.report import LayerRecord, PruneReport
+from optima.resume import BlockCheckpoints, fingerprint
+
+
+@dataclass
+class RunOptions:
+    """How a pruning run is carried out; none of these change its result.
+
+    ``on_layer(record)`` is called after each layer, ``on_block(i, n)`` before each block.
+    With ``resume_dir`` every finished block is checkpointed there, and a rerun of the
+    same pruning (same options, model layers and batches) picks up after the last one.
+    ``reduce_sum`` sums a tensor over processes (data-parallel calibration: each process
+    feeds its own shard of batches; Hessians are summed before solving, so every process
+    computes the same weights). ``execution_device`` offloads (sequential walk): the model
+    stays where it is and each block visits that device only while it is calibrated,
+    pruned and run, so a model larger than the device's memory can be pruned.
+    """
+
+    on_layer: Callable[[LayerRecord], None] | None = None
+    on_block: Callable[[int, int], None] | None = None
+    resume_dir: str | None = None
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    execution_device: torch.device | str | None = None
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass after the first block's inputs."""
+
+
+class BlockInputs:
+    """Positional and keyword inputs of a block, one entry per calibration batch."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def append(self, args: tuple, kwargs: dict) -> None:
+        self.calls.append((args, kwargs))
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def to(self, device: torch.device | str) -> None:
+        """Move every tensor of every call (nested in tuples/dicts too) to ``device``."""
+        self.calls = [(_move(args, device), _move(kwargs, device)) for args, kwargs in self.calls]
+
+    def replace_hidden(self, outputs: list[torch.Tensor]) -> None:
+        """Feed each batch's block output in as the next block's hidden states."""
+        new = []
+        for (args, kwargs), hidden in zip(self.calls, outputs):
+            if args:
+                new.append(((hidden, *args[1:]), kwargs))
+            else:
+                new.append(((), {**kwargs, "hidden_states": hidden}))
+        self.calls = new
+
+
+def _move(obj: Any, device: torch.device | str) -> Any:
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    """A block's hidden-state output, whether returned bare or first in a tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: Iterable[Any], run_batch: Callable[[Any], Any]) -> BlockInputs:
+    """Run ``run_batch`` on each batch up to the first block, recording that block's inputs."""
+    _, blocks = find_blocks(model)
+    inputs = BlockInputs()
+
+    def hook(_module, args, kwargs):
+        inputs.append(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                run_batch(batch)
+            except _Captured:
+                continue
+            raise RuntimeError("the forward pass never reached the first block")
+    finally:
+        handle.remove()
+    if not len(inputs):
+        raise ValueError("the calibration set is empty")
+    return inputs
+
+
+def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianAccumulator], block: int,
+                  config: PruneConfig, report: PruneReport, run: RunOptions) -> None:
+    """Prune each layer of block ``block`` from its accumulated Hessian and record it in the report."""
+    for name, layer in layers.items():
+        acc = accumulators.pop(name)
+        start = time.perf_counter()
+        if run.reduce_sum is not None:
+            acc.reduce_(run.reduce_sum)
+        pattern = config.pattern_for(name)
+        result = prune_weight(weight_rows(layer).detach(), acc.finalize(), config, pattern=pattern)
+        set_weight_rows(layer, result.weight)
+        report.masks[name] = result.keep.cpu()
+        if acc.tokens < acc.d_in:
+            result.stats.notes.append(f"{acc.tokens} calibration tokens for {acc.d_in} inputs: H is rank-deficient, "
+                                      "damping decides the null space")
+        record = LayerRecord(name, block, tuple(result.weight.shape), pattern.sparsity, acc.tokens, result.stats)
+        report.layers.append(record)
+        report.add_time("mask", result.stats.seconds_mask)
+        report.add_time("update", result.stats.seconds_update)
+        report.add_time("stats", time.perf_counter() - start - result.stats.seconds_mask - result.stats.seconds_update)
+        if run.on_layer:
+            run.on_layer(record)
+
+
+def _restore_block(layers: dict[str, nn.Module], saved: dict[str, Any], report: PruneReport,
+                   run: RunOptions) -> None:
+    """Put a finished block's saved weights, masks and records back (resuming a run)."""
+    for name, layer in layers.items():
+        set_weight_rows(layer, saved["weights"][name].to(layer.weight.device))
+        report.masks[name] = saved["masks"][name]
+    for record in saved["records"]:
+        report.layers.append(record)
+        if run.on_layer:
+            run.on_layer(record)
+
+
+def _finish_block(i: int, layers: dict[str, nn.Module], report: PruneReport,
+                  checkpoints: BlockCheckpoints | None) -> None:
+    if checkpoints is not None:
+        checkpoints.save(i, {"weights": {n: weight_rows(m).detach().cpu().clone() for n, m in layers.items()},
+                             "masks": {n: report.masks[n] for n in layers},
+                             "records": [r for r in report.layers if r.block == i]})
+
+
+def _timed(report: PruneReport, phase: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    out = fn()
+    report.add_time(phase, time.perf_counter() - start)
+    return out
+
+
+def _walk_sequential(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any],
+                     per_block: list[dict[str, nn.Module]], config: PruneConfig, run: RunOptions,
+                     checkpoints: BlockCheckpoints | None, report: PruneReport) -> None:
+    """Calibrate and prune each block on the outputs of the already pruned blocks before it."""
+    _, blocks = find_blocks(model)
+    inputs = _timed(report, "forward", lambda: capture_block_inputs(model, batches, run_batch))
+    if run.execution_device is not None:
+        inputs.to(run.execution_device)
+    for i, (block, layers) in enumerate(zip(blocks, per_block)):
+        if run.on_block:
+            run.on_block(i, len(blocks))
+        home = next(block.parameters()).device
+        if run.execution_device is not None:
+            block.to(run.execution_device)
+        saved = checkpoints.load(i) if checkpoints else None
+        if saved is not None:
+            _restore_block(layers, saved, report, run)
+        else:
+            with hessian_hooks(layers, config.hessian_torch_dtype) as accumulators:
+                _timed(report, "forward+hessian", lambda: [block(*a, **k) for a, k in inputs.calls])
+            _prune_layers(layers, accumulators, i, config, report, run)
+            _finish_block(i, layers, report, checkpoints)
+        if i + 1 < len(blocks):
+            outputs = _timed(report, "forward", lambda: [_hidden(block(*a, **k)) for a, k in inputs.calls])
+            inputs.replace_hidden(outputs)
+        block.to(home)
+
+
+def _walk_one_pass(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any],
+                   per_block: list[dict[str, nn.Module]], config: PruneConfig, run: RunOptions,
+                   checkpoints: BlockCheckpoints | None, report: PruneReport) -> None:
+    """Accumulate every layer's Hessian in one pass of the dense model, then prune block by block."""
+    saved = [checkpoints.load(i) if checkpoints else None for i in range(len(per_block))]
+    todo = {n: m for layers, done in zip(per_block, saved) if done is None for n, m in layers.items()}
+    with hessian_hooks(todo, config.hessian_torch_dtype) as accumulators:
+        _timed(report, "forward+hessian", lambda: [run_batch(b) for b in (batches if todo else ())])
+    for i, layers in enumerate(per_block):
+        if run.on_block:
+            run.on_block(i, len(per_block))
+        if saved[i] is not None:
+            _restore_block(layers, saved[i], report, run)
+        else:
+            _prune_layers(layers, accumulators, i, config, report, run)
+            _finish_block(i, layers, report, checkpoints)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any],
+                config: PruneConfig | None = None, run: RunOptions | None = None) -> PruneReport:
+    """Prune every selected linear layer of ``model`` in place; return the report.
+
+    ``run_batch(batch)`` runs the model's forward on one calibration batch. Every layer
+    is checked against its pattern before any data is touched.
+    """
+    config, run = config or PruneConfig(), run or RunOptions()
+    per_block = layers_by_block(model, config.selection)
+    for layers in per_block:
+        for name, layer in layers.items():
+            config.pattern_for(name).check(weight_rows(layer).shape[1])
+    checkpoints = None
+    if run.resume_dir is not None:
+        layout = [[(n, tuple(weight_rows(m).shape)) for n, m in layers.items()] for layers in per_block]
+        checkpoints = BlockCheckpoints(run.resume_dir, fingerprint(repr(config), layout, list(batches)))
+    report = PruneReport()
+    walk = _walk_sequential if config.sequential else _walk_one_pass
+    was_training = model.training
+    model.eval()
+    try:
+        walk(model, batches, run_batch, per_block, config, run, checkpoints, report)
+    finally:
+        model.train(was_training)
+    return report
