@@ -36,6 +36,7 @@ class PruneStats:
     cg_iterations_max: int = 0
     unconverged_rows: int = 0
     kkt_residual_max: float = 0.0
+    gap_bound_max: float | None = None  # bound on (objective - optimum) / objective_none over rows (solver stop="gap")
     damping: float = 0.0       # absolute damping added to diag(H) for the update
     dead_inputs: int = 0
     escalated_rows: int = 0
@@ -169,6 +170,8 @@ def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, da
     stats.cg_iterations_max = int(result.cg_iterations.max())
     stats.unconverged_rows = int((~result.converged).sum())
     stats.kkt_residual_max = float(result.kkt_residual.max())
+    if result.gap_bound is not None:
+        stats.gap_bound_max = float(result.gap_bound.max())
     stats.escalated_rows = result.escalated_rows
     if result.damping is not None and result.damping.value > damping.value:
         stats.notes.append(f"damping raised to {result.damping.value:.3g} to factor H")
@@ -176,6 +179,7 @@ def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, da
     if stats.escalated_rows:
         stats.notes.append(f"{stats.escalated_rows} rows needed extra damping to factor their kept set")
     if stats.unconverged_rows:
-        stats.notes.append(f"{stats.unconverged_rows} rows did not reach the CG tolerance "
-                           f"(worst KKT residual {stats.kkt_residual_max:.2e})")
+        worst = f"gap bound {stats.gap_bound_max:.2e}" if stats.gap_bound_max is not None else \
+            f"KKT residual {stats.kkt_residual_max:.2e}"
+        stats.notes.append(f"{stats.unconverged_rows} rows did not reach the CG tolerance (worst {worst})")
     return (w + result.delta.to(w.dtype))

@@ -64,13 +64,13 @@ def table(report: PruneReport, title: str = "OPTIMA pruning report") -> Table:
     """One row per layer: shape, sparsity, error before/after the update, solver effort, time."""
     t = Table(title=title)
     for col in ("layer", "shape", "sparsity", "rel. err (mask only)", "rel. err", "solver", "CG it.",
-                "KKT", "time s", "notes"):
+                "gap <=", "time s", "notes"):
         t.add_column(col, justify="left" if col in ("layer", "notes", "solver") else "right")
     for r in report.layers:
         s = r.stats
         t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{s.sparsity:.3f}", f"{s.relative_error_none:.4g}",
                   f"{s.relative_error:.4g}", s.solver_method or "-", f"{s.cg_iterations_mean:.0f}",
-                  f"{s.kkt_residual_max:.1e}", f"{s.seconds:.2f}", "; ".join(s.notes))
+                  "-" if s.gap_bound_max is None else f"{s.gap_bound_max:.1e}", f"{s.seconds:.2f}", "; ".join(s.notes))
     return t
 
 

@@ -42,7 +42,13 @@ class SolverOptions:
         method: "pcg" (matrix-free preconditioned CG), "direct" (batched Cholesky of each row's
             system) or "auto" (direct for small systems, PCG otherwise).
         preconditioner: "hinv" (free-set block of the scaled inverse Hessian) or "jacobi".
-        tol: Relative residual per row at which CG stops: ||H_FF x - b|| <= tol ||b||.
+        stop: When CG stops a row. "gap": once a bound on its objective gap, relative to the
+            objective at the start (for OPTIMA: the masked weights without update), is below
+            ``tol``; the bound is r^T z, exact for the "hinv" preconditioner because
+            (H_FF)^-1 <= Hinv_FF (module docstring), so the reported gap never understates the
+            true one. "residual": once ||H_FF x - b|| <= tol ||b||. null: "gap" with the "hinv"
+            preconditioner, "residual" with "jacobi".
+        tol: The stopping tolerance of ``stop``.
         max_iter: CG iterations per Newton step.
         max_newton: Projected-Newton iterations (one suffices when only pruned entries are bound).
         dtype: Precision of the solve.
@@ -55,6 +61,7 @@ class SolverOptions:
 
     method: Literal["auto", "pcg", "direct"] = "auto"
     preconditioner: Literal["hinv", "jacobi"] = "hinv"
+    stop: Literal["gap", "residual"] | None = None
     tol: float = 1e-6
     max_iter: int = 2000
     max_newton: int = 50
@@ -68,6 +75,10 @@ class SolverOptions:
 
         check_choice("solver.method", self.method, METHODS)
         check_choice("solver.preconditioner", self.preconditioner, PRECONDITIONERS)
+        check_choice("solver.stop", self.stop, ("gap", "residual", None))
+        if self.stop == "gap" and self.preconditioner != "hinv":
+            raise OptionError("solver.stop", "the gap bound r^T z needs preconditioner 'hinv'; use stop 'residual' "
+                                             "with 'jacobi'")
         check_choice("solver.dtype", self.dtype, ("float32", "float64"))
         for option in ("tol", "max_iter", "max_newton", "check_every"):
             if not getattr(self, option) > 0:
@@ -76,6 +87,10 @@ class SolverOptions:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    @property
+    def stop_rule(self) -> Literal["gap", "residual"]:
+        return self.stop or ("gap" if self.preconditioner == "hinv" else "residual")
 
 
 @dataclass
@@ -86,6 +101,7 @@ class QPResult:
     converged: torch.Tensor          # (rows,) bool
     cg_iterations: torch.Tensor      # (rows,) CG iterations summed over Newton steps
     kkt_residual: torch.Tensor       # (rows,) ||projected gradient|| / ||initial gradient||
+    gap_bound: torch.Tensor | None = None  # (rows,) bound on the relative objective gap (stop="gap"; 0: direct)
     newton_iterations: int = 0
     method: str = "pcg"
     damping: Damping | None = None
@@ -108,9 +124,10 @@ def _masked_matmul(v: torch.Tensor, matrix: torch.Tensor, free: torch.Tensor) ->
     return free * (v @ matrix)
 
 
-def _cg_step(x, r, p, rz, matrix, precond, free, threshold):
-    """One PCG iteration for all rows; rows whose residual is below threshold stand still."""
-    active = (r * r).sum(1) > threshold
+def _cg_step(x, r, p, rz, matrix, precond, free, threshold, gap):
+    """One PCG iteration for all rows; rows whose measure (r^T z with ``gap``, else r^T r) is below
+    ``threshold`` stand still."""
+    active = (rz if gap else (r * r).sum(1)) > threshold
     ap = _masked_matmul(p, matrix, free)
     pap = (p * ap).sum(1)
     alpha = torch.where(active, rz / pap.clamp_min(torch.finfo(pap.dtype).tiny), torch.zeros_like(rz))
@@ -136,14 +153,19 @@ def _step_for(compile: bool | None, device: torch.device) -> Callable:
 
 
 def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: torch.Tensor | None,
-        options: SolverOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        options: SolverOptions, start_objective: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve ``matrix_FF x_F = rhs_F`` per row by preconditioned CG, x = 0 off the free set.
 
-    Returns (x, iterations per row, converged per row).
+    With ``options.stop_rule == "gap"`` a row stops once r^T z <= tol * ``start_objective``.
+    Returns (x, iterations per row, converged per row, the final stopping measure relative to
+    its scale: the gap bound, or the relative residual).
     """
     rows = rhs.shape[0]
     rhs = rhs * free
-    threshold = (options.tol ** 2) * (rhs * rhs).sum(1)
+    gap = options.stop_rule == "gap"
+    scale = start_objective if gap else (rhs * rhs).sum(1)
+    threshold = (options.tol if gap else options.tol ** 2) * scale
     x = torch.zeros_like(rhs)
     r = rhs.clone()
     z = _masked_matmul(r, precond, free) if precond is not None else r.clone()
@@ -152,23 +174,24 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: to
     iterations = torch.zeros(rows, dtype=torch.int64, device=rhs.device)
     step = _step_for(options.compile, rhs.device)
     done = 0
-    while done < options.max_iter:
+    while done < options.max_iter and bool(((rz if gap else (r * r).sum(1)) > threshold).any()):
         for _ in range(min(options.check_every, options.max_iter - done)):
             try:
-                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, threshold)
+                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, threshold, gap)
             except Exception as err:  # a compiler problem must not stop a pruning run: finish this solve eagerly
                 if step is _cg_step:
                     raise
                 warnings.warn(f"torch.compile of the CG step failed ({type(err).__name__}: {err}); "
                               "running it eagerly", RuntimeWarning)
                 step = _cg_step
-                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, threshold)
+                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, threshold, gap)
             iterations += active
             done += 1
-        if not bool(((r * r).sum(1) > threshold).any()):
-            break
-    converged = (r * r).sum(1) <= threshold
-    return x, iterations, converged
+    measure = rz if gap else (r * r).sum(1)
+    converged = measure <= threshold
+    tiny = torch.finfo(measure.dtype).tiny
+    relative = measure / scale.clamp_min(tiny) if gap else (measure / scale.clamp_min(tiny)).sqrt()
+    return x, iterations, converged, relative
 
 
 def _objective(x: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -204,15 +227,18 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     converged = torch.zeros(rows, dtype=torch.bool, device=device)
     cg_iters = torch.zeros(rows, dtype=torch.int64, device=device)
     kkt = torch.zeros(rows, dtype=dtype, device=device)
+    measure = torch.zeros(rows, dtype=dtype, device=device)
     newton = 0
     for start in range(0, rows, step_rows):
         sl = slice(start, start + step_rows)
-        y[sl], converged[sl], cg_iters[sl], kkt[sl], steps = _projected_newton(hs, lo[sl], hi[sl], precond, options)
+        y[sl], converged[sl], cg_iters[sl], kkt[sl], measure[sl], steps = _projected_newton(hs, lo[sl], hi[sl],
+                                                                                           precond, options)
         newton = max(newton, steps)
     # back to weight units, exactly feasible: entries at a bound (pins included) get the bound itself
     delta = (y * scale).clamp_(lower, upper).where(y > lo, lower).where(y < hi, upper)
     return QPResult(delta=delta, converged=converged, cg_iterations=cg_iters, kkt_residual=kkt,
-                    newton_iterations=newton, method="pcg", damping=damping)
+                    gap_bound=measure if options.stop_rule == "gap" else None, newton_iterations=newton, method="pcg",
+                    damping=damping)
 
 
 def _projected_newton(hs: torch.Tensor, l: torch.Tensor, u: torch.Tensor, precond: torch.Tensor | None,
@@ -221,7 +247,7 @@ def _projected_newton(hs: torch.Tensor, l: torch.Tensor, u: torch.Tensor, precon
 
     Each iteration fixes the entries at an active bound, solves the Newton system on the rest by
     PCG and backtracks along the projection arc. Returns (y, converged, CG iterations, relative
-    KKT residual, Newton iterations).
+    KKT residual, the last CG solve's stopping measure, Newton iterations).
     """
     pinned = l == u
     box = ~pinned & (torch.isfinite(l) | torch.isfinite(u))
@@ -229,13 +255,16 @@ def _projected_newton(hs: torch.Tensor, l: torch.Tensor, u: torch.Tensor, precon
     g0 = _projected_gradient_norm(y, y @ hs, l, u).clamp_min(torch.finfo(y.dtype).tiny)
     cg_iters = torch.zeros(l.shape[0], dtype=torch.int64, device=l.device)
     converged, newton = torch.zeros_like(cg_iters, dtype=torch.bool), 0
+    gap_bound = torch.zeros_like(g0)
+    # a gap tolerance is on a squared scale: the projected gradient's is its square root
+    kkt_tol = options.tol ** 0.5 if options.stop_rule == "gap" else options.tol
     for it in range(options.max_newton):
         g = y @ hs
         fixed = pinned | ((y <= l) & (g > 0)) | ((y >= u) & (g < 0))
         rel = _projected_gradient_norm(y, g, l, u) / g0
-        if it > 0 and (not box.any() or bool((rel <= options.tol).all())):
+        if it > 0 and (not box.any() or bool((rel <= kkt_tol).all())):
             break
-        step, iters, converged = pcg(hs, -g, (~fixed).to(y.dtype), precond, options)
+        step, iters, converged, gap_bound = pcg(hs, -g, (~fixed).to(y.dtype), precond, options, (y * g).sum(1))
         cg_iters += iters
         newton = it + 1
         if not box.any():                      # pins only: the Newton step is the optimum
@@ -244,8 +273,8 @@ def _projected_newton(hs: torch.Tensor, l: torch.Tensor, u: torch.Tensor, precon
         y = _line_search(y, step, g, l, u, hs)
     kkt = _projected_gradient_norm(y, y @ hs, l, u) / g0
     if box.any():                              # general bounds: converged means a KKT point too
-        converged = converged & (kkt <= options.tol)
-    return y, converged, cg_iters, kkt, newton
+        converged = converged & (kkt <= kkt_tol)
+    return y, converged, cg_iters, kkt, gap_bound, newton
 
 
 def _projected_gradient_norm(y: torch.Tensor, g: torch.Tensor, lower: torch.Tensor,
@@ -311,6 +340,7 @@ def solve_pinned(hessian: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor
         result = QPResult(delta=delta, converged=torch.ones(rows, dtype=torch.bool, device=h.device),
                           cg_iterations=torch.zeros(rows, dtype=torch.int64, device=h.device),
                           kkt_residual=torch.zeros(rows, dtype=h.dtype, device=h.device),
+                          gap_bound=torch.zeros(rows, dtype=h.dtype, device=h.device),
                           method="direct", damping=damping, escalated_rows=escalated)
     else:
         lower, upper = torch.full_like(w, -float("inf")), torch.full_like(w, float("inf"))

@@ -186,7 +186,7 @@ def test_half_precision_weight_keeps_dtype_and_exact_zeros(dtype, mask, update):
 def test_damp_zero_on_full_rank_hessian_is_the_undamped_optimum(method):
     hessian = correlated_hessian(48, dead=0, seed=8, outlier_scale=10.0, decay=1e-1)
     weight = torch.randn(8, 48, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    result = prune_weight(weight, hessian, PruneConfig(damp=0.0, solver=SolverOptions(method=method, dtype="float64",
+    result = prune_weight(weight, hessian, PruneConfig(damp=0.0, solver=SolverOptions(method=method, dtype="float64", stop="residual",
                                                                                        compile=False)))
     assert result.stats.damping == 0.0 and not result.stats.notes
     best = exact_update(weight, hessian, result.keep, 0.0)
@@ -284,7 +284,7 @@ def row_objectives(new: torch.Tensor, weight: torch.Tensor, hessian: torch.Tenso
 def test_keep_row_range_is_the_exact_box_bounded_optimum():
     hessian = correlated_hessian(16, dead=0, seed=20, outlier_scale=10.0, decay=1e-2)   # full rank: damp 0 is exact
     weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    solver = SolverOptions(method="pcg", dtype="float64", tol=1e-10, compile=False)
+    solver = SolverOptions(method="pcg", dtype="float64", tol=1e-10, compile=False, stop="residual")
     bounded = prune_weight(weight, hessian, PruneConfig(sparsity=0.5, damp=0.0, keep_row_range=True, solver=solver))
     free = prune_weight(weight, hessian, PruneConfig(sparsity=0.5, damp=0.0, solver=solver))
     keep = bounded.keep

@@ -29,6 +29,9 @@ KINDS = {  # x100 outliers (as in LLM activations), and an ill-conditioned spect
 
 
 def options(method="direct", preconditioner="hinv", dtype=torch.float64, **kw) -> SolverOptions:
+    """Solver options of the exactness tests: CG stops on the relative residual (tol 1e-6), the strict rule
+    (the default gap rule has its own tests below)."""
+    kw.setdefault("stop", "residual")
     return SolverOptions(method=method, preconditioner=preconditioner, dtype=str(dtype).removeprefix("torch."),
                          compile=False, **kw)
 
@@ -127,7 +130,7 @@ def test_compiled_and_eager_solver_agree():
     assert solver_module._step_for(None, torch.device("cpu")) is solver_module._cg_step   # default: CUDA only
     runs = {}
     for compile in (False, True):
-        solver = SolverOptions(method="pcg", compile=compile)
+        solver = SolverOptions(method="pcg", compile=compile, stop="residual")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             runs[compile] = prune_weight(weight, hessian, config(solver))
@@ -348,3 +351,40 @@ def test_inactive_bounds_reduce_to_the_pinned_problem():
             <= 1e-5 * torch.linalg.vector_norm(pinned.delta, dim=1)).all()
     with pytest.raises(ValueError, match="lower bound above upper"):
         solve_box_qp(damped, upper, lower - 1, options("pcg"))
+
+
+# ------------------------------------------------------------------------------------ the default gap rule
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_gap_rule_bounds_the_true_gap_and_stops_earlier_on_real_layers(minilm_layers, dtype):
+    """With the hinv preconditioner r^T z bounds each row's objective gap: the reported bound is never below
+    the gap to the float64 optimum, every row ends under tol, and CG needs fewer iterations than the residual rule."""
+    for name, (weight, hessian) in minilm_layers.items():
+        w = weight[:32].double()
+        keep = prune_weight(w, hessian, config(mask="wanda", update="none", damp=DAMP)).keep
+        damped, damping = damp_hessian(hessian.double(), DAMP)
+
+        def objective(delta: torch.Tensor) -> torch.Tensor:  # per row, damped, float64
+            return (delta.double() * (delta.double() @ damped)).sum(1)
+
+        best = objective(exact_update(w, hessian, keep, DAMP) - w)
+        masked = objective(-w * ~keep)
+        gap_rule = solve_pinned(damped, w, keep, damping, options("pcg", dtype=dtype, stop="gap"))
+        residual_rule = solve_pinned(damped, w, keep, damping, options("pcg", dtype=dtype))
+        true_gap = (objective(gap_rule.delta) - best) / masked
+        floor = 1e-12 if dtype == torch.float64 else 2e-8       # float32 arithmetic cannot resolve smaller gaps
+        assert (true_gap <= gap_rule.gap_bound.double() + floor).all(), name
+        assert (gap_rule.gap_bound <= 1e-6).all() and gap_rule.converged.all(), name
+        assert true_gap.max() > 1e-10 or dtype == torch.float32, name   # it stopped early, not at the optimum
+        assert gap_rule.cg_iterations.float().mean() < 0.8 * residual_rule.cg_iterations.float().mean(), name
+
+
+def test_gap_rule_is_the_default_with_hinv_and_needs_it():
+    assert SolverOptions().stop_rule == "gap" and SolverOptions(preconditioner="jacobi").stop_rule == "residual"
+    with pytest.raises(OptionError, match="solver.stop.*needs preconditioner 'hinv'"):
+        SolverOptions(preconditioner="jacobi", stop="gap")
+    weight, hessian, keep, best = random_problem(257, "illcond")
+    result = prune_weight(weight, hessian, config(SolverOptions(method="pcg", compile=False), damp=DAMP), keep=keep)
+    assert result.stats.gap_bound_max is not None and result.stats.gap_bound_max <= 1e-6
+    # relative to the masked-only objective, the damped objective is within the bound of the optimum
+    masked = damped_objective(weight * keep, weight, hessian, DAMP)
+    assert damped_objective(result.weight, weight, hessian, DAMP) - best <= 1e-6 * masked
