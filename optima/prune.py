@@ -138,8 +138,9 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
             stats.damping = greedy_damping.value
     else:
         new = _optima_update(w, damped, keep, damping, config, stats)
-    new = _keep_the_better(new * keep, masked, w, h, config, stats)  # pruned entries: exact zeros
+    new = new * keep  # pruned entries are exact zeros whatever the arithmetic did
     stats.seconds_update = time.perf_counter() - t_update
+    new = _keep_the_better(new, masked, w, h, config, stats)
     if damping.dead_inputs:
         stats.notes.append(f"{damping.dead_inputs} dead inputs (zero Hessian diagonal) left unchanged")
     stats.sparsity = float((new == 0).sum()) / new.numel()
