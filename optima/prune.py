@@ -173,6 +173,9 @@ def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, da
     stats.kkt_residual_max = float(result.kkt_residual.max())
     if result.gap_bound is not None:
         stats.gap_bound_max = float(result.gap_bound.max())
+    elif result.method == "pcg" and config.solver.stop_rule == "gap":
+        stats.notes.append("the preconditioner needed extra damping to factor: CG stopped on r^T z, "
+                           "which then bounds the objective gap only approximately")
     stats.escalated_rows = result.escalated_rows
     if result.damping is not None and result.damping.value > damping.value:
         stats.notes.append(f"damping raised to {result.damping.value:.3g} to factor H")

@@ -214,10 +214,12 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
         raise ValueError("lower bound above upper bound")
     scale = h.diagonal().clamp_min(torch.finfo(dtype).tiny).rsqrt()
     hs = scale[:, None] * h * scale[None, :]          # Jacobi-scaled Hessian, unit diagonal
-    precond = None
+    precond, exact_preconditioner = None, False
     if options.preconditioner == "hinv":
-        _, chol, _ = cholesky_escalating(hs, damping or Damping(0.0, 0.0, 0))
+        start = damping or Damping(0.0, 0.0, 0)
+        _, chol, used = cholesky_escalating(hs, start)
         precond = torch.cholesky_inverse(chol)
+        exact_preconditioner = used.value <= start.value  # else Hinv_FF < (H_FF)^-1 may hold: no proven bound
     lo, hi = lower / scale, upper / scale              # bounds in scaled coordinates
     rows, d = lower.shape
     budget = options.memory_budget or default_memory_budget(device)
@@ -237,7 +239,7 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     # back to weight units, exactly feasible: entries at a bound (pins included) get the bound itself
     delta = (y * scale).clamp_(lower, upper).where(y > lo, lower).where(y < hi, upper)
     return QPResult(delta=delta, converged=converged, cg_iterations=cg_iters, kkt_residual=kkt,
-                    gap_bound=measure if options.stop_rule == "gap" else None, newton_iterations=newton, method="pcg",
+                    gap_bound=measure if options.stop_rule == "gap" and exact_preconditioner else None, newton_iterations=newton, method="pcg",
                     damping=damping)
 
 

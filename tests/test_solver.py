@@ -388,3 +388,14 @@ def test_gap_rule_is_the_default_with_hinv_and_needs_it():
     # relative to the masked-only objective, the damped objective is within the bound of the optimum
     masked = damped_objective(weight * keep, weight, hessian, DAMP)
     assert damped_objective(result.weight, weight, hessian, DAMP) - best <= 1e-6 * masked
+
+
+def test_no_proven_gap_bound_when_the_preconditioner_needs_extra_damping():
+    x = torch.randn(12, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    hessian = x.T @ x / 12                                   # rank 12 of 32: singular, undamped below
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    result = prune_weight(weight, hessian, config(SolverOptions(method="pcg", dtype="float64", compile=False),
+                                                  damp=0.0))
+    assert result.stats.gap_bound_max is None
+    assert any("bounds the objective gap only approximately" in note for note in result.stats.notes)
+    assert result.stats.objective <= result.stats.objective_none
