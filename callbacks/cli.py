@@ -14,6 +14,7 @@ tasks to both evaluations. Bad options end the command with one line and status 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import warnings
@@ -94,14 +95,19 @@ class OptimaCLI(LightningCLI):
     def _lm_eval_tasks(self) -> list[str]:
         return list(self.config[self.subcommand].get("lm_eval", {}).get("tasks") or [])
 
+    @functools.cached_property
+    def console(self) -> Console:
+        """Rich output; 200 columns wide when it goes to a file or a pipe."""
+        return Console() if Console().is_terminal else Console(width=200)
+
     def before_fit(self) -> None:
-        self.console = Console(width=200) if not Console().is_terminal else Console()
         self.dense_metrics = self._validate("dense") if self._evaluation_on() else None
         self.console.rule("calibrating and pruning")
 
     def after_fit(self) -> None:
         if self.dense_metrics is not None:
-            self._print_comparison(self.dense_metrics, self._validate("pruned"))
+            self._print_metrics("Evaluation: dense vs pruned",
+                                {"dense": self.dense_metrics, "pruned": self._validate("pruned")})
         if self.trainer.is_global_zero:
             for label, path in (("pruned model", getattr(self.model.hparams, "save_dir", None)),
                                 ("report", self.config[self.subcommand]["pruning"].get("report_path"))):
@@ -115,31 +121,25 @@ class OptimaCLI(LightningCLI):
         self.config_init[self.subcommand]["verbose"] = False
 
     def after_validate(self) -> None:
-        self._print_metrics("Evaluation", {k: float(v) for k, v in self.trainer.callback_metrics.items()})
+        self._print_metrics("Evaluation", {"value": self._logged_metrics()})
 
     def after_test(self) -> None:
-        self._print_metrics("Test", {k: float(v) for k, v in self.trainer.callback_metrics.items()})
+        self._print_metrics("Test", {"value": self._logged_metrics()})
 
-    def _print_metrics(self, title: str, metrics: dict[str, float]) -> None:
+    def _logged_metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+
+    def _print_metrics(self, title: str, columns: dict[str, dict[str, float]]) -> None:
+        """One table, a row per metric and a column per evaluated model, then the data's protocol."""
         table = Table(title=title)
         table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key in sorted(metrics):
-            table.add_row(key, _fmt(metrics[key]))
-        console = Console(width=200) if not Console().is_terminal else Console()
-        console.print(table)
-        if hasattr(self.datamodule, "protocol"):
-            console.print(f"protocol: {self.datamodule.protocol()}", soft_wrap=True)
-
-    def _print_comparison(self, dense: dict[str, float], pruned: dict[str, float]) -> None:
-        table = Table(title="Evaluation: dense vs pruned")
-        for col in ("metric", "dense", "pruned"):
-            table.add_column(col, justify="left" if col == "metric" else "right")
-        for key in sorted(set(dense) | set(pruned)):
-            table.add_row(key, _fmt(dense.get(key)), _fmt(pruned.get(key)))
+        for name in columns:
+            table.add_column(name, justify="right")
+        for key in sorted(set().union(*columns.values())):
+            table.add_row(key, *(_fmt(metrics.get(key)) for metrics in columns.values()))
         self.console.print(table)
-        protocol = self.datamodule.protocol() if hasattr(self.datamodule, "protocol") else "-"
-        self.console.print(f"protocol: {protocol}", soft_wrap=True)
+        if hasattr(self.datamodule, "protocol"):
+            self.console.print(f"protocol: {self.datamodule.protocol()}", soft_wrap=True)
 
     def _validate(self, label: str) -> dict[str, float]:
         self.console.rule(f"{label} evaluation")

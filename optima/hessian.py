@@ -31,7 +31,6 @@ class HessianAccumulator:
         self.name = name
         self.sum = torch.zeros(d_in, d_in, dtype=dtype, device=device)
         self.tokens = 0
-        self.reduced = False
 
     @property
     def d_in(self) -> int:
@@ -49,13 +48,7 @@ class HessianAccumulator:
         self.tokens += x.shape[0]
 
     def reduce_(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Sum the Hessian and token count over processes with ``reduce_sum`` (e.g. a DDP all-reduce).
-
-        Once only: layers sharing this accumulator all ask, the first one reduces.
-        """
-        if self.reduced:
-            return
-        self.reduced = True
+        """Sum the Hessian and token count over processes with ``reduce_sum`` (e.g. a DDP all-reduce)."""
         self.sum = reduce_sum(self.sum)
         self.tokens = int(reduce_sum(torch.tensor(float(self.tokens), dtype=torch.float64,
                                                   device=self.sum.device)).item())

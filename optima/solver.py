@@ -216,10 +216,10 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     hs = scale[:, None] * h * scale[None, :]          # Jacobi-scaled Hessian, unit diagonal
     precond, exact_preconditioner = None, False
     if options.preconditioner == "hinv":
-        start = damping or Damping(0.0, 0.0, 0)
-        _, chol, used = cholesky_escalating(hs, start)
+        given = damping or Damping(0.0, 0.0, 0)
+        _, chol, used = cholesky_escalating(hs, given)
         precond = torch.cholesky_inverse(chol)
-        exact_preconditioner = used.value <= start.value  # else Hinv_FF < (H_FF)^-1 may hold: no proven bound
+        exact_preconditioner = used.value <= given.value  # else Hinv_FF < (H_FF)^-1 may hold: no proven bound
     lo, hi = lower / scale, upper / scale              # bounds in scaled coordinates
     rows, d = lower.shape
     budget = options.memory_budget or default_memory_budget(device)
@@ -239,8 +239,8 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     # back to weight units, exactly feasible: entries at a bound (pins included) get the bound itself
     delta = (y * scale).clamp_(lower, upper).where(y > lo, lower).where(y < hi, upper)
     return QPResult(delta=delta, converged=converged, cg_iterations=cg_iters, kkt_residual=kkt,
-                    gap_bound=measure if options.stop_rule == "gap" and exact_preconditioner else None, newton_iterations=newton, method="pcg",
-                    damping=damping)
+                    gap_bound=measure if options.stop_rule == "gap" and exact_preconditioner else None,
+                    newton_iterations=newton, method="pcg", damping=damping)
 
 
 def _projected_newton(hs: torch.Tensor, l: torch.Tensor, u: torch.Tensor, precond: torch.Tensor | None,

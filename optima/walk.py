@@ -118,14 +118,24 @@ def capture_block_inputs(model: nn.Module, batches: Iterable[Any], run_batch: Ca
     return inputs
 
 
+def _accumulate(layers: dict[str, nn.Module], forward: Callable[[], Any], config: PruneConfig,
+                run: RunOptions) -> dict[str, HessianAccumulator]:
+    """Each layer's Hessian from the inputs ``forward()`` feeds it, summed over processes when
+    calibration is data-parallel (a Hessian shared by several layers once)."""
+    with hessian_hooks(layers, config.hessian_torch_dtype) as accumulators:
+        forward()
+    if run.reduce_sum is not None:
+        for acc in {id(acc): acc for acc in accumulators.values()}.values():
+            acc.reduce_(run.reduce_sum)
+    return accumulators
+
+
 def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianAccumulator], block: int,
                   config: PruneConfig, report: PruneReport, run: RunOptions) -> None:
     """Prune each layer of block ``block`` from its accumulated Hessian and record it in the report."""
     for name, layer in layers.items():
         acc = accumulators.pop(name)
         start = time.perf_counter()
-        if run.reduce_sum is not None:
-            acc.reduce_(run.reduce_sum)
         pattern = config.pattern_for(name)
         result = prune_weight(weight_rows(layer).detach(), acc.finalize(), config, pattern=pattern)
         set_weight_rows(layer, result.weight)
@@ -187,8 +197,8 @@ def _walk_sequential(model: nn.Module, batches: Sequence[Any], run_batch: Callab
         if saved is not None:
             _restore_block(layers, saved, report, run)
         else:
-            with hessian_hooks(layers, config.hessian_torch_dtype) as accumulators:
-                _timed(report, "forward+hessian", lambda: [block(*a, **k) for a, k in inputs.calls])
+            accumulators = _timed(report, "forward+hessian", lambda: _accumulate(
+                layers, lambda: [block(*a, **k) for a, k in inputs.calls], config, run))
             _prune_layers(layers, accumulators, i, config, report, run)
             _finish_block(i, layers, report, checkpoints)
         if i + 1 < len(blocks):
@@ -203,8 +213,8 @@ def _walk_one_pass(model: nn.Module, batches: Sequence[Any], run_batch: Callable
     """Accumulate every layer's Hessian in one pass of the dense model, then prune block by block."""
     saved = [checkpoints.load(i) if checkpoints else None for i in range(len(per_block))]
     todo = {n: m for layers, done in zip(per_block, saved) if done is None for n, m in layers.items()}
-    with hessian_hooks(todo, config.hessian_torch_dtype) as accumulators:
-        _timed(report, "forward+hessian", lambda: [run_batch(b) for b in (batches if todo else ())])
+    accumulators = _timed(report, "forward+hessian", lambda: _accumulate(
+        todo, lambda: [run_batch(b) for b in (batches if todo else ())], config, run))
     for i, layers in enumerate(per_block):
         if run.on_block:
             run.on_block(i, len(per_block))
