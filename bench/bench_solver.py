@@ -147,6 +147,9 @@ def update_calls(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, args: arg
                                          compile=args.compile),
                "jacobi": SolverOptions(method="pcg", preconditioner="jacobi", tol=args.tol, compile=args.compile),
                "direct": SolverOptions(method="direct", compile=args.compile)}
+    if args.low_precision:  # CG's matmuls in bfloat16, refined in float32 (options.matmul)
+        configs["bf16"] = SolverOptions(method="pcg", preconditioner="hinv", tol=args.tol, compile=args.compile,
+                                        matmul="bfloat16")
     if direct_flops > DIRECT_FLOP_LIMIT:
         del configs["direct"]
     calls = {"sparsegpt": (lambda: sparsegpt(w, h, PATTERN, damp=DAMP), args.repeats)}
@@ -239,6 +242,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the CG step (default: SolverOptions' own choice)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory table")
+    parser.add_argument("--low-precision", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time CG with bfloat16 matmuls + float32 refinement (default: on a GPU)")
     return parser.parse_args()
 
 
@@ -273,12 +278,13 @@ def print_time_table(console: Console, layers: list[Layer]) -> None:
         r = layer.results
         auto = r["auto_method"] if r["auto_method"] == "direct" else "pcg"
         rows.append([layer.name, f"{r['t_sparsegpt']:.2f} s", f"{auto}: {ratio(r, auto)}", ratio(r, "pcg"),
-                     ratio(r, "residual"), ratio(r, "jacobi"), ratio(r, "direct"), str(r["reference_rows"]),
-                     *(gap(r, label) for label in ("none", "sparsegpt", "pcg", "residual", "jacobi", "direct"))])
+                     ratio(r, "residual"), ratio(r, "jacobi"), ratio(r, "direct"), ratio(r, "bf16"),
+                     str(r["reference_rows"]),
+                     *(gap(r, label) for label in ("none", "sparsegpt", "pcg", "residual", "jacobi", "direct", "bf16"))])
     print_table(console, "1. OPTIMA update time / SparseGPT (mask + update) time; objective gap to the float64 optimum",
                 ("layer", "SparseGPT", "OPTIMA auto", "pcg (hinv, gap rule)", "pcg (hinv, residual rule)",
-                 "pcg (jacobi)", "direct", "gap rows", "gap none", "gap SparseGPT", "gap pcg", "gap pcg residual",
-                 "gap pcg jacobi", "gap direct"), rows)
+                 "pcg (jacobi)", "direct", "pcg bf16 + refinement", "gap rows", "gap none", "gap SparseGPT",
+                 "gap pcg", "gap pcg residual", "gap pcg jacobi", "gap direct", "gap bf16"), rows)
 
 
 def print_iterations_table(console: Console, layers: list[Layer], tol: float) -> None:
@@ -312,6 +318,8 @@ def print_memory_table(console: Console, layers: list[Layer], device: torch.devi
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    if args.low_precision is None:
+        args.low_precision = device.type == "cuda"
     console = Console(width=200)
     start = time.perf_counter()
     console.print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads, "

@@ -42,15 +42,23 @@ from optima.zeroshot import evaluate_choices
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-METHODS = [  # (row label, mask, update)
-    ("magnitude", "magnitude", "none"),
-    ("magnitude+OPTIMA", "magnitude", "optima"),
-    ("Wanda", "wanda", "none"),
-    ("Wanda+OPTIMA", "wanda", "optima"),
-    ("SparseGPT", "sparsegpt", "sparsegpt"),
-    ("SparseGPT-mask+OPTIMA", "sparsegpt", "optima"),
-    ("Thanos", "thanos", "thanos"),
-    ("Thanos-mask+OPTIMA", "thanos", "optima"),
+METHODS = [  # (row label, PruneConfig options)
+    ("magnitude", dict(mask="magnitude", update="none")),
+    ("magnitude+OPTIMA", dict(mask="magnitude", update="optima")),
+    ("Wanda", dict(mask="wanda", update="none")),
+    ("Wanda+OPTIMA", dict(mask="wanda", update="optima")),
+    ("SparseGPT", dict(mask="sparsegpt", update="sparsegpt")),
+    ("SparseGPT-mask+OPTIMA", dict(mask="sparsegpt", update="optima")),
+    ("Thanos", dict(mask="thanos", update="thanos")),
+    ("Thanos-mask+OPTIMA", dict(mask="thanos", update="optima")),
+    # OWL's layer budgets (unstructured only): Wanda as in the OWL paper, then with the exact update
+    ("OWL-Wanda", dict(mask="wanda", update="none", layer_budgets="owl")),
+    ("OWL-Wanda+OPTIMA", dict(mask="wanda", update="optima", layer_budgets="owl")),
+    ("OWL-SparseGPT-mask+OPTIMA", dict(mask="sparsegpt", update="optima", layer_budgets="owl")),
+    # two rounds of mask refinement after the exact update (recipes/methods/refine.yaml)
+    ("Wanda+OPTIMA+refine", dict(mask="wanda", update="optima", mask_rounds=2)),
+    ("SparseGPT-mask+OPTIMA+refine", dict(mask="sparsegpt", update="optima", mask_rounds=2)),
+    ("OWL-SparseGPT-mask+OPTIMA+refine", dict(mask="sparsegpt", update="optima", layer_budgets="owl", mask_rounds=2)),
 ]
 PATTERNS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("2:4", None, "2:4")]
 README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
@@ -153,12 +161,13 @@ def measure(bench, patterns: list[str], methods: list[str], resume: bool, consol
         record({"pattern": "-", "method": "dense", "metrics": bench.score(bench.dense), "error": 0.0,
                 "seconds": 0.0, "breakdown": {}})
     for label, sparsity, pattern in PATTERNS:
-        for method, mask, update in METHODS:
+        for method, options in METHODS:
             if label not in patterns or method not in methods or (label, method) in done:
                 continue
+            if options.get("layer_budgets") == "owl" and pattern != "unstructured":
+                continue
             model = copy.deepcopy(bench.dense)
-            config = PruneConfig(**{**bench.config, "sparsity": sparsity, "pattern": pattern, "mask": mask,
-                                    "update": update})
+            config = PruneConfig(**{**bench.config, "sparsity": sparsity, "pattern": pattern, **options})
             start = time.perf_counter()
             report = prune_model(model, bench.calibration, lambda b, m=model: bench.run(m, b), config)
             seconds = time.perf_counter() - start

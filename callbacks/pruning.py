@@ -29,6 +29,7 @@ from typing_extensions import override
 from optima.config import OptionError, PruneConfig
 from optima.model import find_blocks, linear_layers, weight_rows
 from optima.report import PruneReport, print_report, summary, write_json
+from optima.share import RowShare
 from optima.walk import RunOptions, prune_model
 
 
@@ -119,8 +120,9 @@ class OptimaPruning(pl.Callback):
             return
         batches = self.calibration_batches(trainer)
         model = self.target_model(pl_module)
-        if trainer.world_size > 1:  # data-parallel calibration: sum Hessians over the strategy's processes
+        if trainer.world_size > 1:  # data-parallel: sum Hessians over the processes, split each solve's rows
             self.run_options.reduce_sum = functools.partial(trainer.strategy.reduce, reduce_op="sum")
+            self.run_options.row_share = RowShare(trainer.global_rank, trainer.world_size, trainer.strategy.all_gather)
         self.report = self.prune(model, batches, lambda b: self.forward(model, trainer.strategy.batch_to_device(b)))
         self.masks = {name: keep.to(pl_module.device) for name, keep in self.report.masks.items()}
         self.publish(trainer)

@@ -47,6 +47,12 @@ class PruneConfig:
             value) for other N:M.
         layer_sparsity: Per-layer ratios: regex on the layer name -> ratio. The first match
             wins; unmatched layers get ``sparsity``.
+        layer_budgets: "uniform" (``sparsity`` everywhere, or ``layer_sparsity``) or "owl": OWL's
+            outlier-weighted budgets, from one extra pass of the dense model (``optima.owl``):
+            blocks whose Wanda scores hold more outliers are pruned less, block sparsities span
+            2 * owl_lambda and average to ``sparsity``. Unstructured only.
+        owl_lambda: OWL's Lambda: half the spread of the block budgets.
+        owl_m: OWL's M: a score is an outlier above M times its block's mean score.
         pattern: "unstructured", or "N:M": at most N weights kept in every M consecutive inputs.
         mask: Which weights to zero: magnitude (|W|, one threshold per layer), wanda
             (|W| * ||x||, per row), sparsegpt (OBS saliency per column block, with its greedy
@@ -63,12 +69,18 @@ class PruneConfig:
         skip_attention: Leave the attention projections dense.
         keep_row_range: With update=optima, keep every new weight within its row's original
             [min, max] (a box-constrained QP), so a later per-row absmax quantization keeps its scale.
+        mask_rounds: With update=optima, rounds of mask refinement after the solve (``optima.refine``):
+            swaps of a pruned for a kept weight within a row (or N:M group), each row re-solved
+            exactly and kept only if its error drops. 0: the selector's mask as is.
         hessian_dtype: Precision in which H = X^T X is accumulated.
         solver: Options of the OPTIMA QP solver.
     """
 
     sparsity: float | None = 0.5
     layer_sparsity: dict[str, float] = field(default_factory=dict)
+    layer_budgets: Literal["uniform", "owl"] = "uniform"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
     pattern: str = "unstructured"
     mask: Mask = "wanda"
     update: Update = "optima"
@@ -79,6 +91,7 @@ class PruneConfig:
     ignore: list[str] = field(default_factory=list)
     skip_attention: bool = False
     keep_row_range: bool = False
+    mask_rounds: int = 0
     hessian_dtype: Precision = "float32"
     solver: SolverOptions = field(default_factory=SolverOptions)
 
@@ -92,6 +105,21 @@ class PruneConfig:
         if self.keep_row_range and (self.update != "optima" or self.solver.method == "direct"):
             raise OptionError("keep_row_range", "bounds the OPTIMA update: needs update='optima' and a solver "
                                                 "method other than 'direct'")
+        check_choice("layer_budgets", self.layer_budgets, ("uniform", "owl"))
+        if self.layer_budgets == "owl":
+            if self.pattern != "unstructured" or self.layer_sparsity:
+                raise OptionError("layer_budgets", "'owl' sets every layer's sparsity itself: it needs the "
+                                                   "unstructured pattern and no layer_sparsity")
+            room = min(self.sparsity, 1 - self.sparsity) / 2 if isinstance(self.sparsity, float) else 0.25
+            if not 0 <= self.owl_lambda < room:  # budgets lie within sparsity +- 2 lambda
+                raise OptionError("owl_lambda", f"must be in [0, min(sparsity, 1 - sparsity) / 2) so that every "
+                                                f"budget stays in (0, 1), got {self.owl_lambda}")
+            if not self.owl_m > 0:
+                raise OptionError("owl_m", f"must be > 0, got {self.owl_m}")
+        if isinstance(self.mask_rounds, bool) or not isinstance(self.mask_rounds, int) or self.mask_rounds < 0:
+            raise OptionError("mask_rounds", f"must be a whole number >= 0, got {self.mask_rounds!r}")
+        if self.mask_rounds and self.update != "optima":
+            raise OptionError("mask_rounds", "refines the mask by exact OPTIMA re-solves: needs update='optima'")
         if not self.damp >= 0:
             raise OptionError("damp", f"must be >= 0, got {self.damp}")
         if self.blocksize < 1:

@@ -6,15 +6,19 @@ Hessian in, mask and new weight out, with the numbers that say how well it went.
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from optima.config import OWN_UPDATES, PruneConfig
 from optima.hessian import Damping, damp_hessian
 from optima.masks import Pattern, magnitude_mask, wanda_mask
-from optima.solver import solve_pinned
+from optima.refine import refine_mask
+from optima.share import RowShare
+from optima.solver import QPResult, resolve_method, solve_pinned
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 from optima.thanos import thanos
 
@@ -44,6 +48,8 @@ class PruneStats:
     seconds: float = 0.0
     seconds_mask: float = 0.0
     seconds_update: float = 0.0
+    mask_round_objectives: list[float] = field(default_factory=list)  # mask refinement: [before, after each round]
+    mask_round_accepted: list[int] = field(default_factory=list)       # rows whose swaps were kept, per round
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -73,6 +79,16 @@ def reconstruction_objective(new_weight: torch.Tensor, weight: torch.Tensor, hes
     return float((diff * (diff @ hessian.double())).sum())
 
 
+def _shared_objective(new_weight: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
+                      share: RowShare | None) -> float:
+    """``reconstruction_objective``, each process summing its share of the rows (then all add the sums)."""
+    if share is None:
+        return reconstruction_objective(new_weight, weight, hessian)
+    rows = share.span(weight.shape[0])
+    part = reconstruction_objective(new_weight[rows], weight[rows], hessian)
+    return float(share.all_gather(torch.tensor(part, dtype=torch.float64, device=weight.device)).sum())
+
+
 def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern) -> None:
     d_in = weight.shape[1]
     if hessian.shape != (d_in, d_in):
@@ -97,7 +113,8 @@ def select_mask(w: torch.Tensor, h: torch.Tensor, pattern: Pattern,
 
 @torch.no_grad()
 def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfig | None = None, *,
-                 pattern: Pattern | None = None, keep: torch.Tensor | None = None) -> PruneResult:
+                 pattern: Pattern | None = None, keep: torch.Tensor | None = None,
+                 share: RowShare | None = None) -> PruneResult:
     """Prune ``weight`` (rows, d_in) given its layer Hessian ``hessian`` (d_in, d_in).
 
     ``config.mask`` picks the weights to zero (under ``pattern``, default the config's
@@ -105,6 +122,8 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
     ``"thanos"`` are the selector's greedy update, ``"optima"`` the exact per-row optimum.
     A given ``keep`` mask skips selection. The update is never allowed to make the layer
     worse than no update on the same mask; if it would, the result says so and keeps the better.
+    With ``share`` (several processes, same weight and Hessian) each process solves its share of
+    the OPTIMA rows and all end with the same result; the mask is chosen whole by every process.
     """
     config = config or PruneConfig()
     pattern = pattern or config.pattern_for()
@@ -125,9 +144,9 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
 
     masked = w * keep
     damped, damping = damp_hessian(h, config.damp)
-    stats = PruneStats(objective_none=reconstruction_objective(masked, w, h), objective=0.0,
-                       dense_energy=reconstruction_objective(torch.zeros_like(w), w, h), sparsity=0.0,
-                       damping=damping.value, dead_inputs=damping.dead_inputs, seconds_mask=seconds_mask)
+    objective = functools.partial(_shared_objective, weight=w, hessian=h, share=share)
+    stats = PruneStats(objective_none=objective(masked), objective=0.0, dense_energy=objective(torch.zeros_like(w)),
+                       sparsity=0.0, damping=damping.value, dead_inputs=damping.dead_inputs, seconds_mask=seconds_mask)
     t_update = time.perf_counter()
     if config.update == "none":
         new = masked
@@ -137,10 +156,15 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
             stats.notes.append(f"damping raised to {greedy_damping.value:.3g} to factor H for {config.mask}")
             stats.damping = greedy_damping.value
     else:
-        new = _optima_update(w, damped, keep, damping, config, stats)
+        new = _optima_update(w, damped, keep, damping, config, stats, share)
     new = new * keep  # pruned entries are exact zeros whatever the arithmetic did
     stats.seconds_update = time.perf_counter() - t_update
-    new = _keep_the_better(new, masked, w, h, config, stats)
+    new = _keep_the_better(new, masked, objective, config, stats)
+    if config.mask_rounds and not stats.fell_back_to_none:
+        t_refine = time.perf_counter()
+        keep, new = _refine(w, h, damped, keep, new, pattern, damping, config, stats, share)
+        stats.objective = objective(new)
+        stats.seconds_update += time.perf_counter() - t_refine
     if damping.dead_inputs:
         stats.notes.append(f"{damping.dead_inputs} dead inputs (zero Hessian diagonal) left unchanged")
     stats.sparsity = float((new == 0).sum()) / new.numel()
@@ -149,10 +173,10 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
                        stats=stats)
 
 
-def _keep_the_better(new: torch.Tensor, masked: torch.Tensor, w: torch.Tensor, h: torch.Tensor,
+def _keep_the_better(new: torch.Tensor, masked: torch.Tensor, objective: Callable[[torch.Tensor], float],
                      config: PruneConfig, stats: PruneStats) -> torch.Tensor:
     """The updated weight, unless it reconstructs worse than no update (then the masked one, with a note)."""
-    stats.objective = reconstruction_objective(new, w, h)
+    stats.objective = objective(new)
     if config.update != "none" and not stats.objective <= stats.objective_none:
         stats.notes.append(f"update raised the error ({stats.objective:.4g} > {stats.objective_none:.4g}); "
                            "kept the masked weights without update")
@@ -161,11 +185,41 @@ def _keep_the_better(new: torch.Tensor, masked: torch.Tensor, w: torch.Tensor, h
     return new
 
 
+def _refine(w: torch.Tensor, h: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, new: torch.Tensor,
+            pattern: Pattern, damping: Damping, config: PruneConfig, stats: PruneStats,
+            share: RowShare | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``config.mask_rounds`` rounds of mask refinement on this process's rows, then all rows joined."""
+    rows = slice(None) if share is None else share.span(w.shape[0])
+    weight_range = (w[rows].amin(1), w[rows].amax(1)) if config.keep_row_range else None
+    result = refine_mask(w[rows], h, damped, keep[rows], new[rows], pattern, damping, config.solver,
+                         config.mask_rounds, weight_range=weight_range)
+    pad = config.mask_rounds + 1 - len(result.objectives)   # stopped early: the rest stands still
+    objectives = torch.tensor(result.objectives + result.objectives[-1:] * pad, dtype=torch.float64)
+    accepted = torch.tensor(result.accepted_rows + [0] * pad, dtype=torch.float64)
+    keep, new = result.keep, result.weight.to(w.dtype)
+    if share is not None:
+        keep, new = share.gather(keep.to(torch.uint8), w.shape[0]).bool(), share.gather(new, w.shape[0])
+        totals = share.all_gather(torch.cat([objectives, accepted]).to(w.device)).sum(0).cpu()
+        objectives, accepted = totals[:config.mask_rounds + 1], totals[config.mask_rounds + 1:]
+    stats.mask_round_objectives = objectives.tolist()
+    stats.mask_round_accepted = [int(a) for a in accepted]
+    if stats.dense_energy > 0:
+        stats.notes.append(f"mask refined in {len(result.objectives) - 1} rounds: rel. err {objectives[0] / stats.dense_energy:.4g}"
+                           f" -> {objectives[-1] / stats.dense_energy:.4g}, {int(accepted.sum())} row updates kept")
+    return keep, new
+
+
 def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, damping: Damping,
-                   config: PruneConfig, stats: PruneStats) -> torch.Tensor:
-    """Solve the pinned QP for every row and record how the solver did."""
-    weight_range = (w.amin(1), w.amax(1)) if config.keep_row_range else None
-    result = solve_pinned(damped, w, keep, damping, config.solver, weight_range)
+                   config: PruneConfig, stats: PruneStats, share: RowShare | None) -> torch.Tensor:
+    """Solve the pinned QP for every row (this process's share of them) and record how the solver did."""
+    rows, options = slice(None), config.solver
+    if share is not None:  # every process must take the same path: choose it from the whole mask
+        rows = share.span(w.shape[0])
+        options = replace(options, method=resolve_method(options.method, keep, config.keep_row_range))
+    weight_range = (w[rows].amin(1), w[rows].amax(1)) if config.keep_row_range else None
+    result = solve_pinned(damped, w[rows], keep[rows], damping, options, weight_range)
+    if share is not None:
+        result = _gathered(result, share, w.shape[0])
     stats.solver_method = result.method
     stats.cg_iterations_mean = float(result.cg_iterations.float().mean())
     stats.cg_iterations_max = int(result.cg_iterations.max())
@@ -187,3 +241,16 @@ def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, da
             f"KKT residual {stats.kkt_residual_max:.2e}"
         stats.notes.append(f"{stats.unconverged_rows} rows did not reach the CG tolerance (worst {worst})")
     return (w + result.delta.to(w.dtype))
+
+
+def _gathered(part: QPResult, share: RowShare, rows: int) -> QPResult:
+    """Join every process's rows of a solve, so that all processes hold the same whole-layer result."""
+    # escalations are counted over all processes; damping and method are the same everywhere
+    counts = share.all_gather(torch.tensor([part.escalated_rows, part.newton_iterations], device=part.delta.device))
+    return QPResult(delta=share.gather(part.delta, rows),
+                    converged=share.gather(part.converged.to(torch.uint8), rows).bool(),
+                    cg_iterations=share.gather(part.cg_iterations, rows),
+                    kkt_residual=share.gather(part.kkt_residual, rows),
+                    gap_bound=None if part.gap_bound is None else share.gather(part.gap_bound, rows),
+                    newton_iterations=int(counts[:, 1].max()), method=part.method, damping=part.damping,
+                    escalated_rows=int(counts[:, 0].sum()))

@@ -15,14 +15,20 @@ Preconditioners (applied after symmetric Jacobi scaling of H, which is always do
   ``Hinv_FF`` is an approximate inverse whose error is a positive semidefinite
   correction; it costs one d x d factorization per layer and one more matmul per
   iteration, and cuts CG iterations several-fold on real Hessians (see bench/).
+
+Rows are solved in batches sized from ``SolverOptions.memory_budget``: besides the d x d
+matrices, only the weight, the mask and the returned update span the whole layer. With
+``matmul="bfloat16"`` (or "tf32" on CUDA) CG multiplies low-precision copies of the two matrices
+and iterative refinement in the solve's dtype restores full accuracy (``_refined_pcg``).
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -57,6 +63,11 @@ class SolverOptions:
         memory_budget: Bytes for one batch of rows; null: a quarter of free accelerator memory,
             2 GiB on the CPU.
         check_every: CG iterations between convergence checks (each one a host sync).
+        matmul: Precision of CG's matmuls. "full": the solve's ``dtype``. "bfloat16" or "tf32"
+            (TF32 on CUDA only; elsewhere full precision): CG runs on low-precision copies of H and
+            the preconditioner to a loose tolerance, and iterative refinement corrects the answer
+            in ``dtype``: each round recomputes the residual and the stopping measure (the gap
+            bound r^T z) in full precision, so the stopping rule and its bound hold as with "full".
     """
 
     method: Literal["auto", "pcg", "direct"] = "auto"
@@ -69,6 +80,7 @@ class SolverOptions:
     compile: bool | None = None
     memory_budget: int | None = None
     check_every: int = 8
+    matmul: Literal["full", "bfloat16", "tf32"] = "full"
 
     def __post_init__(self) -> None:
         from optima.config import OptionError, check_choice  # config imports this module
@@ -80,6 +92,7 @@ class SolverOptions:
             raise OptionError("solver.stop", "the gap bound r^T z needs preconditioner 'hinv'; use stop 'residual' "
                                              "with 'jacobi'")
         check_choice("solver.dtype", self.dtype, ("float32", "float64"))
+        check_choice("solver.matmul", self.matmul, ("full", "bfloat16", "tf32"))
         for option in ("tol", "max_iter", "max_newton", "check_every"):
             if not getattr(self, option) > 0:
                 raise OptionError(f"solver.{option}", f"must be positive, got {getattr(self, option)}")
@@ -119,9 +132,11 @@ def default_memory_budget(device: torch.device) -> int:
 def _masked_matmul(v: torch.Tensor, matrix: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
     """Apply the free-set block of ``matrix`` to rows of ``v`` that are zero off the free set.
 
-    Every CG vector (x, r, p, z) stays zero on fixed entries, so no input masking is needed.
+    Every CG vector (x, r, p, z) stays zero on fixed entries, so no input masking is needed. A
+    low-precision ``matrix`` (bfloat16) multiplies a rounded copy of ``v``; the result comes back in
+    ``v``'s dtype.
     """
-    return free * (v @ matrix)
+    return free * (v.to(matrix.dtype) @ matrix).to(v.dtype)
 
 
 def _cg_step(x, r, p, rz, matrix, precond, free, threshold, gap):
@@ -153,18 +168,23 @@ def _step_for(compile: bool | None, device: torch.device) -> Callable:
 
 
 def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: torch.Tensor | None,
-        options: SolverOptions, start_objective: torch.Tensor | None = None
+        options: SolverOptions, scale: torch.Tensor | None = None
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve ``matrix_FF x_F = rhs_F`` per row by preconditioned CG, x = 0 off the free set.
 
-    With ``options.stop_rule == "gap"`` a row stops once r^T z <= tol * ``start_objective``.
-    Returns (x, iterations per row, converged per row, the final stopping measure relative to
-    its scale: the gap bound, or the relative residual).
+    A row stops once its measure is ``options.tol`` (gap rule) or ``tol^2`` (residual rule) times
+    ``scale``: with the gap rule r^T z against ``scale`` = the objective at the start (required);
+    with the residual rule ||r||^2 against ``scale``, by default ||rhs||^2.
+    Returns (x, iterations per row, converged per row, the final measure relative to its scale:
+    the gap bound, or the relative residual).
     """
     rows = rhs.shape[0]
     rhs = rhs * free
     gap = options.stop_rule == "gap"
-    scale = start_objective if gap else (rhs * rhs).sum(1)
+    if scale is None:
+        if gap:
+            raise ValueError("the gap rule needs the start objective as scale")
+        scale = (rhs * rhs).sum(1)
     threshold = (options.tol if gap else options.tol ** 2) * scale
     x = torch.zeros_like(rhs)
     r = rhs.clone()
@@ -198,6 +218,89 @@ def _objective(x: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x * (x @ hessian)).sum(1)
 
 
+@dataclass
+class _ScaledProblem:
+    """What every row batch of a layer shares: the Jacobi-scaled Hessian and the preconditioner."""
+
+    hs: torch.Tensor                   # scale H scale, unit diagonal
+    scale: torch.Tensor                # diag(H)^-1/2: weight units = scale * scaled units
+    precond: torch.Tensor | None       # the scaled inverse ("hinv") or None ("jacobi")
+    exact_preconditioner: bool         # Hinv_FF >= (H_FF)^-1 holds, so r^T z bounds the gap
+    low_hs: torch.Tensor | None = None         # low-precision copies for CG's matmuls (options.matmul)
+    low_precond: torch.Tensor | None = None
+
+
+def _scaled_problem(hessian: torch.Tensor, options: SolverOptions, damping: Damping | None) -> _ScaledProblem:
+    """Scale the (damped) Hessian to unit diagonal and factor the preconditioner, once per layer."""
+    h = hessian.to(options.torch_dtype)
+    scale = h.diagonal().clamp_min(torch.finfo(h.dtype).tiny).rsqrt()
+    hs = scale[:, None] * h * scale[None, :]
+    precond, exact = None, False
+    if options.preconditioner == "hinv":
+        given = damping or Damping(0.0, 0.0, 0)
+        _, chol, used = cholesky_escalating(hs, given)
+        precond = torch.cholesky_inverse(chol)
+        exact = used.value <= given.value  # else Hinv_FF < (H_FF)^-1 may hold: no proven bound
+    problem = _ScaledProblem(hs, scale, precond, exact)
+    if options.matmul != "full":
+        low = torch.bfloat16 if options.matmul == "bfloat16" else hs.dtype
+        problem.low_hs = hs.to(low)
+        problem.low_precond = precond.to(low) if precond is not None else None
+    return problem
+
+
+def _row_batches(rows: int, d: int, element_size: int, options: SolverOptions,
+                 device: torch.device) -> Iterator[slice]:
+    """Row slices whose solver tensors (about 24 (rows x d) ones in PCG) fit the memory budget."""
+    budget = options.memory_budget or default_memory_budget(device)
+    step = batch_rows(rows, 24 * d * element_size, budget)
+    return (slice(start, start + step) for start in range(0, rows, step))
+
+
+@dataclass
+class _BatchResult:
+    delta: torch.Tensor
+    converged: torch.Tensor
+    cg_iterations: torch.Tensor
+    kkt_residual: torch.Tensor
+    measure: torch.Tensor
+    newton: int
+
+
+def _solve_batch(problem: _ScaledProblem, lower: torch.Tensor, upper: torch.Tensor,
+                 options: SolverOptions) -> _BatchResult:
+    """Projected Newton on one batch of rows; the update comes back in weight units, exactly feasible."""
+    lo, hi = lower / problem.scale, upper / problem.scale
+    y, converged, iters, kkt, measure, newton = _projected_newton(problem, lo, hi, options)
+    # entries at a bound (pins included) get the bound itself
+    delta = (y * problem.scale).clamp_(lower, upper).where(y > lo, lower).where(y < hi, upper)
+    return _BatchResult(delta, converged, iters, kkt, measure, newton)
+
+
+class _Collected:
+    """Per-row results of the row batches, gathered into whole-layer vectors."""
+
+    def __init__(self, rows: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.delta = torch.empty(rows, d, dtype=dtype, device=device)
+        self.converged = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.cg_iterations = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.kkt = torch.zeros(rows, dtype=dtype, device=device)
+        self.measure = torch.zeros(rows, dtype=dtype, device=device)
+        self.newton = 0
+
+    def put(self, rows: slice, batch: _BatchResult) -> None:
+        self.delta[rows], self.converged[rows], self.cg_iterations[rows] = (batch.delta, batch.converged,
+                                                                             batch.cg_iterations)
+        self.kkt[rows], self.measure[rows] = batch.kkt_residual, batch.measure
+        self.newton = max(self.newton, batch.newton)
+
+    def result(self, problem: _ScaledProblem, options: SolverOptions, damping: Damping | None) -> QPResult:
+        proven = options.stop_rule == "gap" and problem.exact_preconditioner
+        return QPResult(delta=self.delta, converged=self.converged, cg_iterations=self.cg_iterations,
+                        kkt_residual=self.kkt, gap_bound=self.measure if proven else None,
+                        newton_iterations=self.newton, method="pcg", damping=damping)
+
+
 @torch.no_grad()
 def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
                  options: SolverOptions | None = None, damping: Damping | None = None) -> QPResult:
@@ -207,50 +310,27 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     batches sized from the memory budget. Entries with ``lower == upper`` are pinned.
     """
     options = options or SolverOptions()
-    dtype, device = options.torch_dtype, hessian.device
-    h = hessian.to(dtype)
+    dtype = options.torch_dtype
     lower, upper = lower.to(dtype), upper.to(dtype)
     if (lower > upper).any():
         raise ValueError("lower bound above upper bound")
-    scale = h.diagonal().clamp_min(torch.finfo(dtype).tiny).rsqrt()
-    hs = scale[:, None] * h * scale[None, :]          # Jacobi-scaled Hessian, unit diagonal
-    precond, exact_preconditioner = None, False
-    if options.preconditioner == "hinv":
-        given = damping or Damping(0.0, 0.0, 0)
-        _, chol, used = cholesky_escalating(hs, given)
-        precond = torch.cholesky_inverse(chol)
-        exact_preconditioner = used.value <= given.value  # else Hinv_FF < (H_FF)^-1 may hold: no proven bound
-    lo, hi = lower / scale, upper / scale              # bounds in scaled coordinates
+    problem = _scaled_problem(hessian, options, damping)
     rows, d = lower.shape
-    budget = options.memory_budget or default_memory_budget(device)
-    step_rows = batch_rows(rows, 10 * d * h.element_size(), budget)
-
-    y = torch.zeros(rows, d, dtype=dtype, device=device)
-    converged = torch.zeros(rows, dtype=torch.bool, device=device)
-    cg_iters = torch.zeros(rows, dtype=torch.int64, device=device)
-    kkt = torch.zeros(rows, dtype=dtype, device=device)
-    measure = torch.zeros(rows, dtype=dtype, device=device)
-    newton = 0
-    for start in range(0, rows, step_rows):
-        sl = slice(start, start + step_rows)
-        y[sl], converged[sl], cg_iters[sl], kkt[sl], measure[sl], steps = _projected_newton(hs, lo[sl], hi[sl],
-                                                                                           precond, options)
-        newton = max(newton, steps)
-    # back to weight units, exactly feasible: entries at a bound (pins included) get the bound itself
-    delta = (y * scale).clamp_(lower, upper).where(y > lo, lower).where(y < hi, upper)
-    return QPResult(delta=delta, converged=converged, cg_iterations=cg_iters, kkt_residual=kkt,
-                    gap_bound=measure if options.stop_rule == "gap" and exact_preconditioner else None,
-                    newton_iterations=newton, method="pcg", damping=damping)
+    out = _Collected(rows, d, dtype, hessian.device)
+    for sl in _row_batches(rows, d, problem.hs.element_size(), options, hessian.device):
+        out.put(sl, _solve_batch(problem, lower[sl], upper[sl], options))
+    return out.result(problem, options, damping)
 
 
-def _projected_newton(hs: torch.Tensor, l: torch.Tensor, u: torch.Tensor, precond: torch.Tensor | None,
-                      options: SolverOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _projected_newton(problem: _ScaledProblem, l: torch.Tensor, u: torch.Tensor, options: SolverOptions
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Projected Newton for one batch of rows in scaled coordinates, from the feasible point nearest 0.
 
     Each iteration fixes the entries at an active bound, solves the Newton system on the rest by
     PCG and backtracks along the projection arc. Returns (y, converged, CG iterations, relative
     KKT residual, the last CG solve's stopping measure, Newton iterations).
     """
+    hs = problem.hs
     pinned = l == u
     box = ~pinned & (torch.isfinite(l) | torch.isfinite(u))
     y = torch.zeros_like(l).clamp(l, u)
@@ -266,7 +346,7 @@ def _projected_newton(hs: torch.Tensor, l: torch.Tensor, u: torch.Tensor, precon
         rel = _projected_gradient_norm(y, g, l, u) / g0
         if it > 0 and (not box.any() or bool((rel <= kkt_tol).all())):
             break
-        step, iters, converged, gap_bound = pcg(hs, -g, (~fixed).to(y.dtype), precond, options, (y * g).sum(1))
+        step, iters, converged, gap_bound = _newton_system(problem, -g, (~fixed).to(y.dtype), options, (y * g).sum(1))
         cg_iters += iters
         newton = it + 1
         if not box.any():                      # pins only: the Newton step is the optimum
@@ -277,6 +357,74 @@ def _projected_newton(hs: torch.Tensor, l: torch.Tensor, u: torch.Tensor, precon
     if box.any():                              # general bounds: converged means a KKT point too
         converged = converged & (kkt <= kkt_tol)
     return y, converged, cg_iters, kkt, gap_bound, newton
+
+
+def _newton_system(problem: _ScaledProblem, rhs: torch.Tensor, free: torch.Tensor, options: SolverOptions,
+                   start_objective: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve the free-set Newton system per row: PCG, with low-precision matmuls plus refinement when asked."""
+    scale = start_objective if options.stop_rule == "gap" else (rhs * rhs * free).sum(1)
+    if options.matmul == "full":
+        return pcg(problem.hs, rhs, free, problem.precond, options, scale)
+    return _refined_pcg(problem, rhs * free, free, options, scale)
+
+
+REFINEMENT_TOL = 1e-2   # each refinement round's low-precision CG cuts its measure by this factor
+MAX_REFINEMENTS = 20
+
+
+@contextmanager
+def _matmul_precision(matmul: str) -> Iterator[None]:
+    """Let float32 matmuls use TF32 (on CUDA) inside the block when ``matmul == "tf32"``."""
+    before = torch.get_float32_matmul_precision()
+    if matmul == "tf32":
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _refined_pcg(problem: _ScaledProblem, rhs: torch.Tensor, free: torch.Tensor, options: SolverOptions,
+                 scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iterative refinement: low-precision PCG on the full-precision residual, each correction kept
+    only where it lowers the full-precision stopping measure. Once a round fails to halve it (the
+    low-precision system too far from the true one: ill-conditioned H), the rows left finish
+    with full-precision PCG from where refinement got. Returns what ``pcg`` returns."""
+    gap = options.stop_rule == "gap"
+    threshold = (options.tol if gap else options.tol ** 2) * scale
+
+    def residual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = rhs - _masked_matmul(x, problem.hs, free)
+        z = _masked_matmul(r, problem.precond, free) if problem.precond is not None else r
+        return r, (r * z).sum(1) if gap else (r * r).sum(1)
+
+    inner = replace(options, matmul="full", tol=REFINEMENT_TOL if gap else REFINEMENT_TOL ** 0.5)
+    x = torch.zeros_like(rhs)
+    r, measure = rhs, residual(x)[1]
+    iterations = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
+    for _ in range(MAX_REFINEMENTS):
+        todo = measure > threshold
+        if not todo.any():
+            break
+        with _matmul_precision(options.matmul):
+            correction, iters, _, _ = pcg(problem.low_hs, r, free, problem.low_precond, inner,
+                                          measure if gap else None)
+        iterations += todo * iters
+        trial = x + todo[:, None] * correction
+        r_trial, m_trial = residual(trial)
+        better = (m_trial < measure)[:, None]
+        halved = bool((m_trial[todo] <= 0.5 * measure[todo]).all())
+        x, r, measure = torch.where(better, trial, x), torch.where(better, r_trial, r), torch.where(
+            better[:, 0], m_trial, measure)
+        if not halved:
+            break
+    if (measure > threshold).any():
+        correction, iters, _, _ = pcg(problem.hs, r, free, problem.precond, options, scale)
+        x, iterations = x + correction, iterations + iters
+        measure = residual(x)[1]
+    tiny = torch.finfo(measure.dtype).tiny
+    relative = measure / scale.clamp_min(tiny) if gap else (measure / scale.clamp_min(tiny)).sqrt()
+    return x, iterations, measure <= threshold, relative
 
 
 def _projected_gradient_norm(y: torch.Tensor, g: torch.Tensor, lower: torch.Tensor,
@@ -304,14 +452,27 @@ def _line_search(y: torch.Tensor, step: torch.Tensor, g: torch.Tensor, lower: to
     return best
 
 
+def resolve_method(method: str, keep: torch.Tensor, bounded: bool) -> str:
+    """The solver path for ``keep`` (rows x d): ``method`` itself unless "auto", then the cost rule.
+
+    Bounded problems (a weight range) need projected Newton, hence PCG.
+    """
+    if method != "auto":
+        return method
+    if bounded or keep.numel() == 0:
+        return "pcg"
+    return choose_method(keep.shape[1], min(int((~keep).sum(1).max()), int(keep.sum(1).max())))
+
+
 def choose_method(d: int, smaller_set: int) -> str:
     """Direct Cholesky only for small systems.
 
-    Per row, a batched Cholesky costs k^3/3 flops at a fraction of matmul speed, PCG about
-    40 iterations of two d^2 matmuls at full speed; measured on MiniLM layers (bench/),
-    PCG wins from d = 384 on, so direct is kept for k^3/3 <= 8 d^2 (d up to ~200 at 50%).
+    Per row, a batched Cholesky costs k^3/3 flops at a fraction of matmul speed, PCG (gap rule)
+    5-40 iterations of two d^2 matmuls at full speed. Measured with the Wanda mask at 50% on one
+    CPU thread, direct / PCG time: 0.85 (64x64), 1.45 (172x64), 3.8 (64x172), 8.5 (256x256),
+    3.4 (384x384), 11.3 (576x576); so direct is kept for k^3/3 <= 3 d^2 (d up to ~70 at 50%).
     """
-    return "direct" if smaller_set ** 3 / 3 <= 8 * d * d else "pcg"
+    return "direct" if smaller_set ** 3 / 3 <= 3 * d * d else "pcg"
 
 
 @torch.no_grad()
@@ -323,38 +484,48 @@ def solve_pinned(hessian: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor
     ``hessian`` is the damped Hessian; returns the update ``delta`` with ``w + delta``
     exactly zero on pruned entries. With ``weight_range`` = (low, high), per-row bounds of
     shape (rows,), every new kept weight also stays in [low, high]: a box-constrained QP
-    that projected Newton solves with a few active-set changes.
+    that projected Newton solves with a few active-set changes. Beyond the weight, the mask
+    and the returned update, memory is bounded by ``options.memory_budget`` (one row batch).
     """
     options = options or SolverOptions()
     rows, d = weight.shape
     h = hessian.to(options.torch_dtype)
     w = weight.to(device=h.device, dtype=options.torch_dtype)
     keep = keep.to(h.device)
-    method = options.method
-    if method == "auto":
-        smaller = min(int((~keep).sum(1).max()), int(keep.sum(1).max()))
-        method = "pcg" if weight_range is not None else choose_method(d, smaller)
+    method = resolve_method(options.method, keep, weight_range is not None)
+    if rows == 0:
+        return QPResult(delta=w.clone(), converged=torch.ones(0, dtype=torch.bool, device=h.device),
+                        cg_iterations=torch.zeros(0, dtype=torch.int64, device=h.device),
+                        kkt_residual=w.new_zeros(0), gap_bound=w.new_zeros(0), method=method, damping=damping)
     if method == "direct":
         if weight_range is not None:
             raise ValueError("the direct solver has no bounds; use method 'pcg' or 'auto' with a weight range")
         budget = options.memory_budget or default_memory_budget(h.device)
         delta, damping, escalated = solve_pinned_direct(h, w, keep, damping, budget)
-        result = QPResult(delta=delta, converged=torch.ones(rows, dtype=torch.bool, device=h.device),
-                          cg_iterations=torch.zeros(rows, dtype=torch.int64, device=h.device),
-                          kkt_residual=torch.zeros(rows, dtype=h.dtype, device=h.device),
-                          gap_bound=torch.zeros(rows, dtype=h.dtype, device=h.device),
-                          method="direct", damping=damping, escalated_rows=escalated)
-    else:
-        lower, upper = torch.full_like(w, -float("inf")), torch.full_like(w, float("inf"))
+        delta = torch.where(keep, delta, -w)
+        return QPResult(delta=delta, converged=torch.ones(rows, dtype=torch.bool, device=h.device),
+                        cg_iterations=torch.zeros(rows, dtype=torch.int64, device=h.device),
+                        kkt_residual=_kkt_residual(h, w, keep, delta),
+                        gap_bound=torch.zeros(rows, dtype=h.dtype, device=h.device),
+                        method="direct", damping=damping, escalated_rows=escalated)
+    problem = _scaled_problem(h, options, damping)
+    out = _Collected(rows, d, h.dtype, h.device)
+    for sl in _row_batches(rows, d, h.element_size(), options, h.device):
+        wb, kb = w[sl], keep[sl]
+        lower, upper = torch.full_like(wb, -float("inf")), torch.full_like(wb, float("inf"))
         if weight_range is not None:
-            low, high = (bound.to(w)[:, None] for bound in weight_range)
-            lower, upper = (low - w).clamp(max=0), (high - w).clamp(min=0)  # never exclude w itself
-        lower, upper = torch.where(keep, lower, -w), torch.where(keep, upper, -w)
-        result = solve_box_qp(h, lower, upper, options, damping)
-    result.delta = torch.where(keep, result.delta, -w)   # pinned entries exactly -w
-    if weight_range is None:
-        # KKT residual of the kept-set system H_KK delta_K = H_KP w_P, the same measure for both paths
-        rhs = torch.linalg.vector_norm(((w * ~keep) @ h) * keep, dim=1)
-        gradient = torch.linalg.vector_norm((result.delta @ h) * keep, dim=1)
-        result.kkt_residual = gradient / rhs.clamp_min(torch.finfo(h.dtype).tiny)
-    return result
+            low, high = (bound.to(wb)[sl, None] for bound in weight_range)
+            lower, upper = (low - wb).clamp(max=0), (high - wb).clamp(min=0)  # never exclude w itself
+        batch = _solve_batch(problem, torch.where(kb, lower, -wb), torch.where(kb, upper, -wb), options)
+        batch.delta = torch.where(kb, batch.delta, -wb)   # pinned entries exactly -w
+        if weight_range is None:
+            batch.kkt_residual = _kkt_residual(h, wb, kb, batch.delta)
+        out.put(sl, batch)
+    return out.result(problem, options, damping)
+
+
+def _kkt_residual(h: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-row ||(H delta)_K|| / ||H_KP w_P||: the relative residual of the kept-set system, for both paths."""
+    rhs = torch.linalg.vector_norm(((w * ~keep) @ h) * keep, dim=1)
+    gradient = torch.linalg.vector_norm((delta @ h) * keep, dim=1)
+    return gradient / rhs.clamp_min(torch.finfo(h.dtype).tiny)

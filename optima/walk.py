@@ -10,9 +10,10 @@ One-pass walk: every layer's Hessian from a single pass of the dense model.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,10 +21,12 @@ from torch import nn
 
 from optima.config import PruneConfig
 from optima.hessian import HessianAccumulator, hessian_hooks
-from optima.model import find_blocks, layers_by_block, set_weight_rows, weight_rows
+from optima.model import LayerSelection, find_blocks, layers_by_block, set_weight_rows, weight_rows
+from optima.owl import input_norms, owl_sparsities
 from optima.prune import prune_weight
 from optima.report import LayerRecord, PruneReport
 from optima.resume import BlockCheckpoints, fingerprint
+from optima.share import RowShare
 
 
 @dataclass
@@ -35,15 +38,18 @@ class RunOptions:
     same pruning (same options, model layers and batches) picks up after the last one.
     ``reduce_sum`` sums a tensor over processes (data-parallel calibration: each process
     feeds its own shard of batches; Hessians are summed before solving, so every process
-    computes the same weights). ``execution_device`` offloads (sequential walk): the model
-    stays where it is and each block visits that device only while it is calibrated,
-    pruned and run, so a model larger than the device's memory can be pruned.
+    computes the same weights); ``row_share`` then splits each layer's OPTIMA solve between the
+    processes (``optima.share``), which all end with the same weights. ``execution_device``
+    offloads (sequential walk): the model stays where it is and each block visits that device
+    only while it is calibrated, pruned and run, so a model larger than the device's memory
+    can be pruned.
     """
 
     on_layer: Callable[[LayerRecord], None] | None = None
     on_block: Callable[[int, int], None] | None = None
     resume_dir: str | None = None
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    row_share: RowShare | None = None
     execution_device: torch.device | str | None = None
 
 
@@ -137,7 +143,8 @@ def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianA
         acc = accumulators.pop(name)
         start = time.perf_counter()
         pattern = config.pattern_for(name)
-        result = prune_weight(weight_rows(layer).detach(), acc.finalize(), config, pattern=pattern)
+        result = prune_weight(weight_rows(layer).detach(), acc.finalize(), config, pattern=pattern,
+                              share=run.row_share)
         set_weight_rows(layer, result.weight)
         report.masks[name] = result.keep.cpu()
         if acc.tokens < acc.d_in:
@@ -225,6 +232,19 @@ def _walk_one_pass(model: nn.Module, batches: Sequence[Any], run_batch: Callable
             _finish_block(i, layers, report, checkpoints)
 
 
+def _with_owl_budgets(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any],
+                      config: PruneConfig, run: RunOptions) -> PruneConfig:
+    """``config`` with OWL's sparsity for every layer, measured on the model before anything is pruned."""
+    every = layers_by_block(model, LayerSelection())   # OWL pools all linear layers of a block, pruned or not
+    layers = {name: layer for block in every for name, layer in block.items()}
+    norms = input_norms(model, batches, run_batch, layers, reduce_sum=run.reduce_sum)
+    budgets = owl_sparsities({name: weight_rows(layer) for name, layer in layers.items()}, norms,
+                             {name: i for i, block in enumerate(every) for name in block}, config.sparsity,
+                             config.owl_lambda, config.owl_m)
+    return replace(config, layer_budgets="uniform",
+                   layer_sparsity={f"^{re.escape(name)}$": budget for name, budget in budgets.items()})
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any],
                 config: PruneConfig | None = None, run: RunOptions | None = None) -> PruneReport:
@@ -234,6 +254,8 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
     is checked against its pattern before any data is touched.
     """
     config, run = config or PruneConfig(), run or RunOptions()
+    if config.layer_budgets == "owl":
+        config = _with_owl_budgets(model, batches, run_batch, config, run)
     per_block = layers_by_block(model, config.selection)
     for layers in per_block:
         for name, layer in layers.items():

@@ -159,6 +159,20 @@ def test_fit_2of4_one_pass(tmp_path):
         assert ((w == 0).reshape(rows, d_in // 4, 4).sum(-1) == 2).all(), name
 
 
+def test_owl_budgets_and_mask_refinement_recipes(tmp_path):
+    run = optima("fit", "--config", str(RECIPE), "--config", str(ROOT / "recipes" / "budgets" / "owl.yaml"),
+                 "--config", str(ROOT / "recipes" / "methods" / "refine.yaml"), "--evaluate=false", outputs=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    budgets = {r["block"]: r["target_sparsity"] for r in report["layers"]}
+    assert len(set(budgets.values())) == len(budgets) > 1                     # one budget per block
+    assert abs(sum(budgets.values()) / len(budgets) - 0.5) < 1e-9              # averaging to the target
+    for r in report["layers"]:
+        assert abs(r["sparsity"] - r["target_sparsity"]) < 2 / r["shape"][1]    # Wanda: per-row counts
+        rounds = r["mask_round_objectives"]
+        assert len(rounds) == 3 and all(b <= a for a, b in zip(rounds, rounds[1:])) and r["objective"] <= rounds[0]
+
+
 def test_print_config_resolves_the_recipe_and_overrides():
     run = optima("fit", "--config", str(RECIPE), "--pruning.config.sparsity=0.25", "--print_config")
     assert run.returncode == 0, run.stderr[-3000:]

@@ -68,3 +68,57 @@ def test_ddp_calibration_equals_single_process(tmp_path):
         torch.testing.assert_close(rank0["weights"][key], value, rtol=1e-5, atol=1e-6)
     q = single["weights"]["model.layers.1.self_attn.q_proj.weight"]
     assert (q == 0).float().mean() == 0.5
+
+
+# argv: rank, world size, rendezvous file, output folder. Prunes three layers with prune_weight(share=...).
+ROW_SHARE_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from optima import prune_weight
+    from optima.config import PruneConfig
+    from optima.share import process_group_share
+    from optima.solver import SolverOptions
+
+    rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    share = None
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        share = process_group_share()
+    results = {}
+    # odd rows, fewer rows than processes, and mask refinement (also split by rows)
+    for rows, method, rounds in ((63, "pcg", 0), (63, "direct", 0), (1, "pcg", 0), (63, "pcg", 2)):
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(512, 96, generator=g, dtype=torch.float64) @ torch.randn(96, 96, generator=g, dtype=torch.float64)
+        weight = torch.randn(rows, 96, generator=g, dtype=torch.float64)
+        config = PruneConfig(mask="wanda", mask_rounds=rounds,
+                             solver=SolverOptions(method=method, compile=False, dtype="float64", tol=1e-12))
+        result = prune_weight(weight, x.T @ x / 512, config, share=share)
+        results[f"{rows} {method} {rounds}"] = (result.weight, result.keep, result.stats.cg_iterations_mean,
+                                                result.stats.unconverged_rows, result.stats.solver_method,
+                                                result.stats.mask_round_objectives)
+    torch.save(results, f"{out}/rank{rank}.pt")
+""")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_row_share_splits_the_solve_and_every_process_ends_with_the_same_weights(tmp_path):
+    script = tmp_path / "share.py"
+    script.write_text(ROW_SHARE_SCRIPT)
+    for world, folder in ((2, tmp_path / "two"), (1, tmp_path / "one")):
+        folder.mkdir()
+        procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(tmp_path / f"store{world}"),
+                                   str(folder)], stderr=subprocess.PIPE, text=True) for rank in range(world)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "two" / "rank0.pt"), torch.load(tmp_path / "two" / "rank1.pt")
+    single = torch.load(tmp_path / "one" / "rank0.pt")
+    for key, (weight, keep, iterations, unconverged, method, _) in single.items():
+        assert torch.equal(rank0[key][0], rank1[key][0]), key                  # both processes hold the same layer
+        assert rank0[key][2:] == rank1[key][2:], key                           # and report the same numbers
+        assert torch.equal(rank0[key][1], keep) and torch.equal(weight == 0, ~keep), key   # same masks, exact zeros
+        torch.testing.assert_close(rank0[key][0], weight, rtol=1e-8, atol=1e-10)
+        assert rank0[key][4] == method and rank0[key][3] == unconverged == 0
+        assert abs(rank0[key][2] - iterations) <= 1.0                           # gathered per-row CG counts
+    refined = single["63 pcg 2"][5]
+    assert len(refined) == 3 and refined[-1] < refined[0]                       # the refinement did something
+    torch.testing.assert_close(rank0["63 pcg 2"][5], refined, rtol=1e-9, atol=0)  # summed over the processes
