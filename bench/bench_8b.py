@@ -1,6 +1,6 @@
 """LLaMA-3.1-8B-shaped layers: SparseGPT vs OPTIMA per layer, and the projected time for the whole model.
 
-    python bench/bench_8b.py                      # CPU: about 10 minutes on one thread
+    python bench/bench_8b.py                      # CPU: about 20 minutes on one thread
     python bench/bench_8b.py --device cuda        # a GPU: every layer at full size
 
 The seven linear layers of a LLaMA-3.1-8B block (hidden 4096, 8 key-value heads of 128,

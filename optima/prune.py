@@ -204,8 +204,9 @@ def _refine(w: torch.Tensor, h: torch.Tensor, damped: torch.Tensor, keep: torch.
     stats.mask_round_objectives = objectives.tolist()
     stats.mask_round_accepted = [int(a) for a in accepted]
     if stats.dense_energy > 0:
-        stats.notes.append(f"mask refined in {len(result.objectives) - 1} rounds: rel. err {objectives[0] / stats.dense_energy:.4g}"
-                           f" -> {objectives[-1] / stats.dense_energy:.4g}, {int(accepted.sum())} row updates kept")
+        before, after = (float(o) / stats.dense_energy for o in (objectives[0], objectives[-1]))
+        stats.notes.append(f"mask refined (at most {config.mask_rounds} rounds): rel. err {before:.4g} -> {after:.4g}, "
+                           f"{int(accepted.sum())} row updates kept")
     return keep, new
 
 

@@ -104,7 +104,7 @@ def refine_mask(weight: torch.Tensor, hessian: torch.Tensor, damped: torch.Tenso
     hinv_diag = torch.cholesky_inverse(cholesky_escalating(h, damping)[1]).diagonal()
     budget = ((~keep).sum(1) * swap_fraction).ceil().clamp_min(1).long()
     objectives, accepted_rows = [float(objective.sum())], []
-    for _ in range(rounds):
+    for _ in range(rounds if keep.shape[0] else 0):   # (a process's share of rows may be empty)
         trial = propose_swaps(keep, *swap_scores(w, new, keep, h, hinv_diag), budget, pattern)
         rows = (trial != keep).any(1).nonzero().squeeze(1)
         budget[(budget > 0) & (trial == keep).all(1)] = 0  # nothing left worth trying in those rows
