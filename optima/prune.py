@@ -18,7 +18,7 @@ from optima.hessian import Damping, damp_hessian
 from optima.masks import Pattern, magnitude_mask, wanda_mask
 from optima.refine import refine_mask
 from optima.share import RowShare
-from optima.solver import QPResult, resolve_method, solve_pinned
+from optima.solver import QPResult, keep_rate_order, resolve_method, solve_pinned
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 from optima.thanos import thanos
 
@@ -192,7 +192,7 @@ def _refine(w: torch.Tensor, h: torch.Tensor, damped: torch.Tensor, keep: torch.
     rows = slice(None) if share is None else share.span(w.shape[0])
     weight_range = (w[rows].amin(1), w[rows].amax(1)) if config.keep_row_range else None
     result = refine_mask(w[rows], h, damped, keep[rows], new[rows], pattern, damping, config.solver,
-                         config.mask_rounds, weight_range=weight_range)
+                         config.mask_rounds, weight_range=weight_range, order=keep_rate_order(keep))
     pad = config.mask_rounds + 1 - len(result.objectives)   # stopped early: the rest stands still
     objectives = torch.tensor(result.objectives + result.objectives[-1:] * pad, dtype=torch.float64)
     accepted = torch.tensor(result.accepted_rows + [0] * pad, dtype=torch.float64)
@@ -218,7 +218,7 @@ def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, da
         rows = share.span(w.shape[0])
         options = replace(options, method=resolve_method(options.method, keep, config.keep_row_range))
     weight_range = (w[rows].amin(1), w[rows].amax(1)) if config.keep_row_range else None
-    result = solve_pinned(damped, w[rows], keep[rows], damping, options, weight_range)
+    result = solve_pinned(damped, w[rows], keep[rows], damping, options, weight_range, keep_rate_order(keep))
     if share is not None:
         result = _gathered(result, share, w.shape[0])
     stats.solver_method = result.method

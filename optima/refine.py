@@ -27,7 +27,7 @@ import torch
 
 from optima.hessian import Damping, cholesky_escalating
 from optima.masks import Pattern
-from optima.solver import SolverOptions, solve_pinned
+from optima.solver import SolverOptions, keep_rate_order, solve_pinned
 
 
 @dataclass
@@ -86,14 +86,16 @@ def propose_swaps(keep: torch.Tensor, gain: torch.Tensor, loss: torch.Tensor, bu
 def refine_mask(weight: torch.Tensor, hessian: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor,
                 solved: torch.Tensor, pattern: Pattern, damping: Damping, options: SolverOptions | None = None,
                 rounds: int = 1, *, swap_fraction: float = 0.05,
-                weight_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> RefineResult:
+                weight_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+                order: torch.Tensor | None = None) -> RefineResult:
     """Refine ``keep`` by up to ``rounds`` rounds of exactly re-solved, exactly accepted swaps.
 
     ``hessian`` is the undamped H (the objective rows are accepted on), ``damped`` and ``damping``
     what ``solve_pinned`` solves with, ``solved`` its solution for ``keep``. A row starts with a
     budget of ``swap_fraction`` of its pruned weights (at least one swap); a rejected row halves it
     and stops at zero. Stops early once no row has a swap left to try. ``weight_range`` is passed
-    to the solver as in ``prune_weight`` (``keep_row_range``).
+    to the solver as in ``prune_weight`` (``keep_row_range``), ``order`` as in ``solve_pinned``
+    (default: from ``keep``; rows re-solved in a round are a subset of them).
     """
     options = options or SolverOptions()
     w = weight.to(options.torch_dtype)
@@ -101,6 +103,7 @@ def refine_mask(weight: torch.Tensor, hessian: torch.Tensor, damped: torch.Tenso
     keep = keep.clone()
     new = solved.to(w.dtype) * keep
     objective = row_objectives(new, w, hessian)
+    order = keep_rate_order(keep) if order is None else order
     hinv_diag = torch.cholesky_inverse(cholesky_escalating(h, damping)[1]).diagonal()
     budget = ((~keep).sum(1) * swap_fraction).ceil().clamp_min(1).long()
     objectives, accepted_rows = [float(objective.sum())], []
@@ -111,7 +114,7 @@ def refine_mask(weight: torch.Tensor, hessian: torch.Tensor, damped: torch.Tenso
         if rows.numel() == 0:
             break
         bounds = None if weight_range is None else tuple(b[rows] for b in weight_range)
-        delta = solve_pinned(h, w[rows], trial[rows], damping, options, bounds).delta
+        delta = solve_pinned(h, w[rows], trial[rows], damping, options, bounds, order).delta
         candidate = (w[rows] + delta.to(w.dtype)) * trial[rows]
         cand_objective = row_objectives(candidate, w[rows], hessian)
         better = cand_objective < objective[rows]

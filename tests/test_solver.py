@@ -20,7 +20,7 @@ from optima.config import OptionError, PruneConfig
 from optima.solver import choose_method, solve_pinned
 
 DAMP = 0.01
-CONFIGS = [(m, p) for m in ("direct", "pcg") for p in ("hinv", "jacobi")]  # direct ignores the preconditioner
+CONFIGS = [("direct", "ldl")] + [("pcg", p) for p in ("ldl", "hinv", "jacobi")]  # direct ignores the preconditioner
 DTYPES = [(torch.float64, 1e-6), (torch.float32, 1e-4)]
 KINDS = {  # x100 outliers (as in LLM activations), and an ill-conditioned spectrum with milder outliers
     "outliers": dict(outlier_scale=100.0),
@@ -28,7 +28,7 @@ KINDS = {  # x100 outliers (as in LLM activations), and an ill-conditioned spect
 }
 
 
-def options(method="direct", preconditioner="hinv", dtype=torch.float64, **kw) -> SolverOptions:
+def options(method="direct", preconditioner="ldl", dtype=torch.float64, **kw) -> SolverOptions:
     """Solver options of the exactness tests: CG stops on the relative residual (tol 1e-6), the strict rule
     (the default gap rule has its own tests below)."""
     kw.setdefault("stop", "residual")
@@ -130,7 +130,7 @@ def test_compiled_and_eager_solver_agree():
     assert solver_module._step_for(None, torch.device("cpu")) is solver_module._cg_step   # default: CUDA only
     runs = {}
     for compile in (False, True):
-        solver = SolverOptions(method="pcg", compile=compile, stop="residual")
+        solver = SolverOptions(method="pcg", compile=compile, stop="residual", block_size=16)  # 4 "ldl" blocks
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             runs[compile] = prune_weight(weight, hessian, config(solver))
@@ -316,7 +316,7 @@ def test_general_box_bounds_match_projected_gradient_on_tiny_problems():
     torch.testing.assert_close(result.delta, reference, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("preconditioner", ["hinv", "jacobi"])
+@pytest.mark.parametrize("preconditioner", ["ldl", "hinv", "jacobi"])
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["f64", "f32"])
 def test_general_box_bounds_match_an_active_set_solver(preconditioner, dtype, tol):
     hessian, lower, upper = box_problem(64, 8, seed=7)
@@ -355,8 +355,9 @@ def test_inactive_bounds_reduce_to_the_pinned_problem():
 
 # ------------------------------------------------------------------------------------ the default gap rule
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_gap_rule_bounds_the_true_gap_and_stops_earlier_on_real_layers(minilm_layers, dtype):
-    """With the hinv preconditioner r^T z bounds each row's objective gap: the reported bound is never below
+@pytest.mark.parametrize("preconditioner", ["ldl", "hinv"])
+def test_gap_rule_bounds_the_true_gap_and_stops_earlier_on_real_layers(minilm_layers, dtype, preconditioner):
+    """With the ldl or hinv preconditioner r^T z bounds each row's objective gap: the reported bound is never below
     the gap to the float64 optimum, every row ends under tol, and CG needs fewer iterations than the residual rule."""
     for name, (weight, hessian) in minilm_layers.items():
         w = weight[:32].double()
@@ -368,8 +369,8 @@ def test_gap_rule_bounds_the_true_gap_and_stops_earlier_on_real_layers(minilm_la
 
         best = objective(exact_update(w, hessian, keep, DAMP) - w)
         masked = objective(-w * ~keep)
-        gap_rule = solve_pinned(damped, w, keep, damping, options("pcg", dtype=dtype, stop="gap"))
-        residual_rule = solve_pinned(damped, w, keep, damping, options("pcg", dtype=dtype))
+        gap_rule = solve_pinned(damped, w, keep, damping, options("pcg", preconditioner, dtype, stop="gap"))
+        residual_rule = solve_pinned(damped, w, keep, damping, options("pcg", preconditioner, dtype))
         true_gap = (objective(gap_rule.delta) - best) / masked
         floor = 1e-12 if dtype == torch.float64 else 2e-8       # float32 arithmetic cannot resolve smaller gaps
         assert (true_gap <= gap_rule.gap_bound.double() + floor).all(), name
@@ -378,9 +379,13 @@ def test_gap_rule_bounds_the_true_gap_and_stops_earlier_on_real_layers(minilm_la
         assert gap_rule.cg_iterations.float().mean() < 0.8 * residual_rule.cg_iterations.float().mean(), name
 
 
-def test_gap_rule_is_the_default_with_hinv_and_needs_it():
-    assert SolverOptions().stop_rule == "gap" and SolverOptions(preconditioner="jacobi").stop_rule == "residual"
-    with pytest.raises(OptionError, match="solver.stop.*needs preconditioner 'hinv'"):
+def test_gap_rule_is_the_default_with_ldl_or_hinv_and_needs_one():
+    assert SolverOptions().stop_rule == "gap" and SolverOptions(preconditioner="hinv").stop_rule == "gap"
+    assert SolverOptions(preconditioner="jacobi").stop_rule == "residual"
+    assert SolverOptions().preconditioner_on(torch.device("cpu")) == "ldl"      # the default: by device
+    assert SolverOptions().preconditioner_on(torch.device("cuda")) == "hinv"
+    assert SolverOptions(preconditioner="jacobi").preconditioner_on(torch.device("cpu")) == "jacobi"
+    with pytest.raises(OptionError, match="solver.stop.*needs preconditioner 'ldl' or 'hinv'"):
         SolverOptions(preconditioner="jacobi", stop="gap")
     weight, hessian, keep, best = random_problem(257, "illcond")
     result = prune_weight(weight, hessian, config(SolverOptions(method="pcg", compile=False), damp=DAMP), keep=keep)
@@ -431,14 +436,16 @@ def test_bfloat16_cg_alone_is_not_exact_so_refinement_is_needed():
     masked = damped_objective(weight * keep, weight, hessian, DAMP)
     refined = solve_pinned(damped, weight, keep, damping, low)
     assert damped_objective(weight + refined.delta, weight, hessian, DAMP) - best <= 1e-6 * masked
-    problem = solver_module._scaled_problem(damped, low, damping)
-    w = weight.float() / problem.scale          # scaled coordinates, as solve_pinned works
-    free = keep.float()
-    start = (w * ~keep) @ problem.hs
+    order = solver_module.keep_rate_order(keep)   # scaled coordinates in the solver's input order, as solve_pinned
+    problem = solver_module._scaled_problem(damped, low, damping, order)
+    w, kept = weight[:, order].float() / problem.scale, keep[:, order]
+    free = kept.float()
+    start = (w * ~kept) @ problem.hs
     x, *_ = solver_module.pcg(problem.low_hs, -(start * free), free, problem.low_precond,
                               options("pcg", dtype=torch.float32, stop="gap", max_iter=500),
-                              ((w * ~keep) * start).sum(1))
-    delta = torch.where(keep, x * problem.scale, -weight.float())
+                              ((w * ~kept) * start).sum(1))
+    delta = torch.empty_like(x)
+    delta[:, order] = torch.where(kept, x * problem.scale, -weight[:, order].float())
     assert damped_objective(weight + delta.double(), weight, hessian, DAMP) - best > 1e-4 * masked
 
 
