@@ -21,8 +21,8 @@ Preconditioners (applied after symmetric Jacobi scaling of H, which is always do
 
 Rows are solved in batches sized from ``SolverOptions.memory_budget``: besides the d x d
 matrices, only the weight, the mask and the returned update span the whole layer. With
-``matmul="bfloat16"`` (or "tf32" on CUDA) CG multiplies low-precision copies of the two matrices
-and iterative refinement in the solve's dtype restores full accuracy (``_refined_pcg``).
+``matmul="bfloat16"`` (or "tf32" on CUDA) CG multiplies low-precision copies of H and the
+preconditioner's factors, and iterative refinement in the solve's dtype restores full accuracy (``_refined_pcg``).
 """
 
 from __future__ import annotations
