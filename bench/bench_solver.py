@@ -13,7 +13,7 @@ Tables:
 1. time of the OPTIMA update (damping + ``solve_pinned``; method auto, pcg, direct) over the time
    of SparseGPT (mask + update), and every update's damped objective as a relative gap to the
    float64 direct (batched Cholesky) optimum on the same mask;
-2. CG iterations per row: preconditioners "ldl" (the default) and "hinv" stopping on the
+2. CG iterations per row: preconditioners "ldl" (the CPU default) and "hinv" stopping on the
    objective-gap bound r^T z <= 1e-6 x the masked-only objective (the default rule), "ldl" on a
    1e-6 relative residual, and "jacobi" on that residual;
 3. peak memory of each call over (weight + Hessian) bytes, float32: the weight and Hessian plus
@@ -204,6 +204,7 @@ def bench_layer(layer: Layer, args: argparse.Namespace, device: torch.device, re
 
     w_sgpt, keep, _ = sparsegpt(w, h, PATTERN, damp=DAMP)
     res["auto_method"] = resolve_method("auto", keep, bounded=False)
+    res["default_pcg"] = "pcg" if SolverOptions().preconditioner_on(device) == "ldl" else "hinv"   # its label here
     unknowns = min(int((~keep).sum(1).max()), int(keep.sum(1).max()))   # the direct path's largest system
     calls = update_calls(w, h, keep, args, direct_flops=rows * unknowns ** 3 / 3)
     new = record_times(best_times(calls, device), res)
@@ -283,7 +284,7 @@ def print_time_table(console: Console, layers: list[Layer]) -> None:
     rows = []
     for layer in layers:
         r = layer.results
-        auto = r["auto_method"] if r["auto_method"] == "direct" else "pcg"
+        auto = r["auto_method"] if r["auto_method"] == "direct" else r["default_pcg"]
         labels = ("pcg", "hinv", "residual", "jacobi", "direct", "bf16")
         rows.append([layer.name, f"{r['t_sparsegpt']:.2f} s", f"{auto}: {ratio(r, auto)}",
                      *(ratio(r, label) for label in labels), str(r["reference_rows"]),

@@ -36,6 +36,7 @@ class PruneStats:
     dense_energy: float        # sum_rows w^T H w, the output energy the errors are relative to
     sparsity: float            # fraction of exact zeros in the returned weight
     solver_method: str = ""
+    solver_preconditioner: str = ""   # the CG preconditioner used ("pcg" only; its default depends on the device)
     cg_iterations_mean: float = 0.0
     cg_iterations_max: int = 0
     unconverged_rows: int = 0
@@ -222,6 +223,8 @@ def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, da
     if share is not None:
         result = _gathered(result, share, w.shape[0])
     stats.solver_method = result.method
+    if result.method == "pcg":
+        stats.solver_preconditioner = options.preconditioner_on(damped.device)
     stats.cg_iterations_mean = float(result.cg_iterations.float().mean())
     stats.cg_iterations_max = int(result.cg_iterations.max())
     stats.unconverged_rows = int((~result.converged).sum())

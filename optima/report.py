@@ -60,6 +60,13 @@ def summary(report: PruneReport) -> dict[str, Any]:
     }
 
 
+def _solver(stats) -> str:
+    """'pcg (ldl)', 'direct', or '-' when no solve ran."""
+    if not stats.solver_method:
+        return "-"
+    return f"{stats.solver_method} ({stats.solver_preconditioner})" if stats.solver_preconditioner else stats.solver_method
+
+
 def table(report: PruneReport, title: str = "OPTIMA pruning report") -> Table:
     """One row per layer: shape, sparsity, error before/after the update, solver effort, time."""
     t = Table(title=title)
@@ -69,7 +76,7 @@ def table(report: PruneReport, title: str = "OPTIMA pruning report") -> Table:
     for r in report.layers:
         s = r.stats
         t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{s.sparsity:.3f}", f"{s.relative_error_none:.4g}",
-                  f"{s.relative_error:.4g}", s.solver_method or "-", f"{s.cg_iterations_mean:.0f}",
+                  f"{s.relative_error:.4g}", _solver(s), f"{s.cg_iterations_mean:.0f}",
                   "-" if s.gap_bound_max is None else f"{s.gap_bound_max:.1e}", f"{s.seconds:.2f}", "; ".join(s.notes))
     return t
 

@@ -262,12 +262,20 @@ class _ScaledProblem:
 
 
 def keep_rate_order(keep: torch.Tensor) -> torch.Tensor:
-    """Inputs by decreasing share of rows that keep them: the "ldl" factorization's order.
+    """Inputs by decreasing number of rows that keep them: the "ldl" factorization's order.
 
     The preconditioner drops the coupling L_KP of each row's kept inputs to pruned inputs earlier in
     the order; inputs that most rows keep first leave little of it (bench/README.md measures it).
     """
-    return torch.argsort(keep.float().mean(0), descending=True, stable=True)
+    return torch.argsort(keep.sum(0), descending=True, stable=True)
+
+
+def _check_order(order: torch.Tensor, d: int, device: torch.device) -> torch.Tensor:
+    """``order`` as a long tensor on ``device``, or ValueError unless it is a permutation of the d inputs."""
+    order = order.to(device=device, dtype=torch.long)
+    if order.shape != (d,) or not torch.equal(order.sort().values, torch.arange(d, device=device)):
+        raise ValueError(f"order must be a permutation of the {d} inputs")
+    return order
 
 
 def _scaled_problem(hessian: torch.Tensor, options: SolverOptions, damping: Damping | None,
@@ -303,7 +311,8 @@ def _row_batches(rows: int, d: int, element_size: int, options: SolverOptions,
                  device: torch.device) -> Iterator[slice]:
     """Row slices whose solver tensors (about 24 (rows x d) ones in PCG, 3 more in "ldl") fit the memory budget."""
     budget = options.memory_budget or default_memory_budget(device)
-    step = batch_rows(rows, 27 * d * element_size, budget)
+    tensors = 27 if options.preconditioner_on(device) == "ldl" else 24
+    step = batch_rows(rows, tensors * d * element_size, budget)
     return (slice(start, start + step) for start in range(0, rows, step))
 
 
@@ -565,7 +574,8 @@ def solve_pinned(hessian: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor
                         kkt_residual=_kkt_residual(h, w, keep, delta),
                         gap_bound=torch.zeros(rows, dtype=h.dtype, device=h.device),
                         method="direct", damping=damping, escalated_rows=escalated)
-    problem = _scaled_problem(h, options, damping, keep_rate_order(keep) if order is None else order.to(h.device))
+    order = keep_rate_order(keep) if order is None else _check_order(order, d, h.device)
+    problem = _scaled_problem(h, options, damping, order)
     out = _Collected(rows, d, h.dtype, h.device)
     for sl in _row_batches(rows, d, h.element_size(), options, h.device):
         wb, kb = w[sl], keep[sl]
