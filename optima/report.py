@@ -60,7 +60,7 @@ def summary(report: PruneReport) -> dict[str, Any]:
     }
 
 
-def _solver(stats) -> str:
+def _solver(stats: PruneStats) -> str:
     """'pcg (ldl)', 'direct', or '-' when no solve ran."""
     if not stats.solver_method:
         return "-"

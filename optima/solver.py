@@ -217,7 +217,7 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: Pr
     threshold = (options.tol if gap else options.tol ** 2) * scale
     x = torch.zeros_like(rhs)
     r = rhs.clone()
-    z = _precondition(r, precond, free).clone()
+    z = _precondition(r, precond, free)     # CG never writes into r or z in place: no copy needed
     p = z.clone()
     rz = (r * z).sum(1)
     iterations = torch.zeros(rows, dtype=torch.int64, device=rhs.device)
