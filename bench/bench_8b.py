@@ -3,6 +3,7 @@
     python bench/bench_8b.py                      # CPU: about 20 minutes on one thread
     python bench/bench_8b.py --device cuda        # a GPU: every layer at full size
     python bench/bench_8b.py --preconditioner hinv   # another preconditioner than the device's default
+    python bench/bench_8b.py --matmul bfloat16    # CG's matmuls in bfloat16, refined in float32
 
 The seven linear layers of a LLaMA-3.1-8B block (hidden 4096, 8 key-value heads of 128,
 intermediate 14336): q_proj and o_proj 4096x4096, k_proj and v_proj 1024x4096, gate_proj and
@@ -71,10 +72,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the CG step")
     parser.add_argument("--preconditioner", choices=PRECONDITIONERS, default=None,
                         help="default: SolverOptions' own choice for the device")
+    parser.add_argument("--matmul", choices=("full", "bfloat16", "tf32"), default="full",
+                        help="precision of CG's matmuls (SolverOptions.matmul)")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = args.rows or ((256, 512) if device.type == "cpu" else None)
-    options = SolverOptions(compile=args.compile, preconditioner=args.preconditioner)
+    options = SolverOptions(compile=args.compile, preconditioner=args.preconditioner, matmul=args.matmul)
     console = Console(width=180)
     console.print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} CPU threads, "
                   f"50% unstructured, damping {DAMP}, solver {options}")

@@ -130,7 +130,7 @@ class QPResult:
     delta: torch.Tensor              # (rows, d) the update d
     converged: torch.Tensor          # (rows,) bool
     cg_iterations: torch.Tensor      # (rows,) CG iterations summed over Newton steps
-    kkt_residual: torch.Tensor       # (rows,) ||projected gradient|| / ||initial gradient||
+    kkt_residual: torch.Tensor       # (rows,) ||projected gradient|| / ||initial gradient||, Jacobi-scaled
     gap_bound: torch.Tensor | None = None  # (rows,) bound on the relative objective gap (stop="gap"; 0: direct)
     newton_iterations: int = 0
     method: str = "pcg"
@@ -203,7 +203,9 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: Pr
 
     A row stops once its measure is ``options.tol`` (gap rule) or ``tol^2`` (residual rule) times
     ``scale``: with the gap rule r^T z against ``scale`` = the objective at the start (required);
-    with the residual rule ||r||^2 against ``scale``, by default ||rhs||^2.
+    with the residual rule ||r||^2 against ``scale``, by default ||rhs||^2. With the eager step,
+    rows that stopped leave the batch at each check, so the matmuls shrink as rows converge (the
+    rows of a layer stop up to a third of their iterations apart: bench/README.md).
     Returns (x, iterations per row, converged per row, the final measure relative to its scale:
     the gap bound, or the relative residual).
     """
@@ -223,25 +225,34 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: Pr
     iterations = torch.zeros(rows, dtype=torch.int64, device=rhs.device)
     step = _step_for(options.compile, rhs.device)
     check_every = options.check_every or (8 if rhs.device.type == "cuda" else 1)
+    solution, measure = torch.zeros_like(rhs), torch.zeros_like(scale)
+    live, bar = torch.arange(rows, device=rhs.device), threshold   # the batch's rows and their thresholds
     done = 0
-    while done < options.max_iter and bool(((rz if gap else (r * r).sum(1)) > threshold).any()):
+    while done < options.max_iter:
+        running = (rz if gap else (r * r).sum(1)) > bar
+        if not running.any():
+            break
+        if step is _cg_step and not running.all():   # eager: stopped rows leave the batch (compiled: fixed shape)
+            stopped = live[~running]
+            solution[stopped], measure[stopped] = x[~running], (rz if gap else (r * r).sum(1))[~running]
+            live, x, r, p, rz, free, bar = (t[running] for t in (live, x, r, p, rz, free, bar))
         for _ in range(min(check_every, options.max_iter - done)):
             try:
-                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, threshold, gap)
+                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, bar, gap)
             except Exception as err:  # a compiler problem must not stop a pruning run: finish this solve eagerly
                 if step is _cg_step:
                     raise
                 warnings.warn(f"torch.compile of the CG step failed ({type(err).__name__}: {err}); "
                               "running it eagerly", RuntimeWarning)
                 step = _cg_step
-                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, threshold, gap)
-            iterations += active
+                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, bar, gap)
+            iterations[live] += active
             done += 1
-    measure = rz if gap else (r * r).sum(1)
+    solution[live], measure[live] = x, rz if gap else (r * r).sum(1)
     converged = measure <= threshold
     tiny = torch.finfo(measure.dtype).tiny
     relative = measure / scale.clamp_min(tiny) if gap else (measure / scale.clamp_min(tiny)).sqrt()
-    return x, iterations, converged, relative
+    return solution, iterations, converged, relative
 
 
 def _objective(x: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -309,9 +320,9 @@ def _scaled_problem(hessian: torch.Tensor, options: SolverOptions, damping: Damp
 
 def _row_batches(rows: int, d: int, element_size: int, options: SolverOptions,
                  device: torch.device) -> Iterator[slice]:
-    """Row slices whose solver tensors (about 24 (rows x d) ones in PCG, 3 more in "ldl") fit the memory budget."""
+    """Row slices whose solver tensors (about 27 (rows x d) ones in PCG, 3 more in "ldl") fit the memory budget."""
     budget = options.memory_budget or default_memory_budget(device)
-    tensors = 27 if options.preconditioner_on(device) == "ldl" else 24
+    tensors = 30 if options.preconditioner_on(device) == "ldl" else 27
     step = batch_rows(rows, tensors * d * element_size, budget)
     return (slice(start, start + step) for start in range(0, rows, step))
 
@@ -397,14 +408,14 @@ def _projected_newton(problem: _ScaledProblem, l: torch.Tensor, u: torch.Tensor,
     pinned = l == u
     box = ~pinned & (torch.isfinite(l) | torch.isfinite(u))
     y = torch.zeros_like(l).clamp(l, u)
-    g0 = _projected_gradient_norm(y, y @ hs, l, u).clamp_min(torch.finfo(y.dtype).tiny)
+    g = y @ hs                                 # the gradient at y, one matmul per new y
+    g0 = _projected_gradient_norm(y, g, l, u).clamp_min(torch.finfo(y.dtype).tiny)
     cg_iters = torch.zeros(l.shape[0], dtype=torch.int64, device=l.device)
     converged, newton = torch.zeros_like(cg_iters, dtype=torch.bool), 0
     gap_bound = torch.zeros_like(g0)
     # a gap tolerance is on a squared scale: the projected gradient's is its square root
     kkt_tol = options.tol ** 0.5 if options.stop_rule == "gap" else options.tol
     for it in range(options.max_newton):
-        g = y @ hs
         fixed = pinned | ((y <= l) & (g > 0)) | ((y >= u) & (g < 0))
         rel = _projected_gradient_norm(y, g, l, u) / g0
         if it > 0 and (not box.any() or bool((rel <= kkt_tol).all())):
@@ -414,9 +425,11 @@ def _projected_newton(problem: _ScaledProblem, l: torch.Tensor, u: torch.Tensor,
         newton = it + 1
         if not box.any():                      # pins only: the Newton step is the optimum
             y = y + step
+            g = y @ hs
             break
         y = _line_search(y, step, g, l, u, hs)
-    kkt = _projected_gradient_norm(y, y @ hs, l, u) / g0
+        g = y @ hs
+    kkt = _projected_gradient_norm(y, g, l, u) / g0
     if box.any():                              # general bounds: converged means a KKT point too
         converged = converged & (kkt <= kkt_tol)
     return y, converged, cg_iters, kkt, gap_bound, newton
@@ -585,14 +598,14 @@ def solve_pinned(hessian: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor
             lower, upper = (low - wb).clamp(max=0), (high - wb).clamp(min=0)  # never exclude w itself
         batch = _solve_batch(problem, torch.where(kb, lower, -wb), torch.where(kb, upper, -wb), options)
         batch.delta = torch.where(kb, batch.delta, -wb)   # pinned entries exactly -w
-        if weight_range is None:
-            batch.kkt_residual = _kkt_residual(h, wb, kb, batch.delta)
         out.put(sl, batch)
     return out.result(problem, options, damping)
 
 
 def _kkt_residual(h: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Per-row ||(H delta)_K|| / ||H_KP w_P||: the relative residual of the kept-set system, for both paths."""
-    rhs = torch.linalg.vector_norm(((w * ~keep) @ h) * keep, dim=1)
-    gradient = torch.linalg.vector_norm((delta @ h) * keep, dim=1)
+    """Per-row ||(H delta)_K|| / ||H_KP w_P|| in Jacobi-scaled units (each input's gradient times
+    diag(H)^-1/2): the relative residual of the kept-set system, as projected Newton measures it."""
+    scale = h.diagonal().clamp_min(torch.finfo(h.dtype).tiny).rsqrt() * keep
+    rhs = torch.linalg.vector_norm(((w * ~keep) @ h) * scale, dim=1)
+    gradient = torch.linalg.vector_norm((delta @ h) * scale, dim=1)
     return gradient / rhs.clamp_min(torch.finfo(h.dtype).tiny)

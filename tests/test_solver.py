@@ -457,3 +457,29 @@ def test_tf32_option_leaves_the_global_matmul_precision_as_it_was():
     assert result.converged.all() and torch.get_float32_matmul_precision() == before
     with pytest.raises(OptionError, match="solver.matmul"):
         SolverOptions(matmul="fp8")
+
+
+def test_rows_that_stop_leave_the_cg_batch(monkeypatch):
+    """Eager CG drops converged rows from its matmuls; every row still gets the answer it gets alone."""
+    weight, hessian, keep, _ = random_problem(257, "illcond")
+    keep = keep.clone()
+    keep[:6] = True                     # rows with nothing pruned stop before the first iteration
+    damped, damping = damp_hessian(hessian, DAMP)
+    batch_rows = []
+    step = solver_module._cg_step
+
+    def recording_step(x, *args):
+        batch_rows.append(x.shape[0])
+        return step(x, *args)
+
+    monkeypatch.setattr(solver_module, "_cg_step", recording_step)
+    whole = solve_pinned(damped, weight, keep, damping, options("pcg"))
+    assert batch_rows[0] == 24 - 6 and batch_rows[-1] < batch_rows[0]          # the batch shrinks as rows stop
+    assert sum(batch_rows) == int(whole.cg_iterations.sum())                  # and only running rows are multiplied
+    batch_rows.clear()
+    alone = solve_pinned(damped, weight, keep, damping, options("pcg", memory_budget=1))   # one row a batch
+    assert (whole.delta[:6] == 0).all() and (whole.cg_iterations[:6] == 0).all()
+    assert (torch.linalg.vector_norm(alone.delta - whole.delta, dim=1)
+            <= 1e-5 * torch.linalg.vector_norm(whole.delta, dim=1).clamp_min(1e-30)).all()
+    # a 1-row matmul rounds differently from a many-row one: a row may stop one iteration apart
+    assert (alone.cg_iterations - whole.cg_iterations).abs().max() <= 1 and whole.converged.all()
