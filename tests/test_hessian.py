@@ -9,7 +9,7 @@ from conftest import MINILM_LAYERS, MINILM_SEQ_LEN, MINILM_SEQUENCES
 from torch import nn
 
 from optima import HessianAccumulator, damp_hessian
-from optima.hessian import Damping, cholesky_escalating, hessian_hooks
+from optima.hessian import PANEL, Damping, cholesky_escalating, hessian_hooks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -73,7 +73,7 @@ def test_reduce_sums_partial_hessians():
     a, b = HessianAccumulator(6, torch.float64), HessianAccumulator(6, torch.float64)
     a.add(x[:4])
     b.add(x[4:])
-    other_process = {2: b.sum, 0: torch.tensor(float(b.tokens), dtype=torch.float64)}  # by tensor rank
+    other_process = {2: b.lower, 0: torch.tensor(float(b.tokens), dtype=torch.float64)}  # by tensor rank
     a.reduce_(lambda t: t + other_process[t.dim()])  # a stand-in for a 2-process all-reduce(sum)
     assert a.tokens == 10
     torch.testing.assert_close(a.finalize(), x.T @ x / 10)
@@ -173,3 +173,16 @@ def test_a_layer_that_stops_sharing_its_input_is_an_error():
         with hessian_hooks({"a": shared, "b": other}, torch.float64), torch.no_grad():
             shared(x), other(x)            # first pass: the same tensor, so b shares a's Hessian
             shared(x), other(x.clone())    # a later pass: a different tensor
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_lower_triangle_panels_give_the_whole_symmetric_product(dtype, tol):
+    d = 2 * PANEL + 44                                        # three panels, the last one partial
+    x = torch.randn(500, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    acc = HessianAccumulator(d, dtype=dtype)
+    acc.add(x[:200].to(dtype))
+    acc.add(x[200:].to(dtype))
+    assert not acc.lower.triu(PANEL).any()                   # the blocks above the diagonal are never computed
+    assert torch.equal(acc.sum, acc.sum.T)                   # the mirror is exactly symmetric
+    expected = x.T @ x
+    torch.testing.assert_close(acc.sum.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
