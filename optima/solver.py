@@ -168,10 +168,14 @@ def _precondition(r: torch.Tensor, precond: Preconditioner, free: torch.Tensor) 
     return _masked_matmul(r, precond, free)
 
 
+def _stop_measure(r: torch.Tensor, rz: torch.Tensor, gap: bool) -> torch.Tensor:
+    """What CG compares with each row's threshold: r^T z with the gap rule, else r^T r."""
+    return rz if gap else (r * r).sum(1)
+
+
 def _cg_step(x, r, p, rz, matrix, precond, free, threshold, gap):
-    """One PCG iteration for all rows; rows whose measure (r^T z with ``gap``, else r^T r) is below
-    ``threshold`` stand still."""
-    active = (rz if gap else (r * r).sum(1)) > threshold
+    """One PCG iteration for all rows; rows whose ``_stop_measure`` is below ``threshold`` stand still."""
+    active = _stop_measure(r, rz, gap) > threshold
     ap = _masked_matmul(p, matrix, free)
     pap = (p * ap).sum(1)
     alpha = torch.where(active, rz / pap.clamp_min(torch.finfo(pap.dtype).tiny), torch.zeros_like(rz))
@@ -229,12 +233,13 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: Pr
     live, bar = torch.arange(rows, device=rhs.device), threshold   # the batch's rows and their thresholds
     done = 0
     while done < options.max_iter:
-        running = (rz if gap else (r * r).sum(1)) > bar
+        now = _stop_measure(r, rz, gap)
+        running = now > bar
         if not running.any():
             break
         if step is _cg_step and not running.all():   # eager: stopped rows leave the batch (compiled: fixed shape)
             stopped = live[~running]
-            solution[stopped], measure[stopped] = x[~running], (rz if gap else (r * r).sum(1))[~running]
+            solution[stopped], measure[stopped] = x[~running], now[~running]
             live, x, r, p, rz, free, bar = (t[running] for t in (live, x, r, p, rz, free, bar))
         for _ in range(min(check_every, options.max_iter - done)):
             try:
@@ -248,7 +253,7 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: Pr
                 x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, bar, gap)
             iterations[live] += active
             done += 1
-    solution[live], measure[live] = x, rz if gap else (r * r).sum(1)
+    solution[live], measure[live] = x, _stop_measure(r, rz, gap)
     converged = measure <= threshold
     tiny = torch.finfo(measure.dtype).tiny
     relative = measure / scale.clamp_min(tiny) if gap else (measure / scale.clamp_min(tiny)).sqrt()
