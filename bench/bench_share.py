@@ -57,6 +57,8 @@ def worker(rank: int, world: int, layers_file: str, out: str, repeats: int) -> N
         results[name] = (best, result.weight, result.stats.cg_iterations_mean)
     if rank == 0:
         torch.save(results, out)
+    if share is not None:
+        torch.distributed.destroy_process_group()   # left alive, gloo's threads can abort the interpreter at exit
 
 
 def run(world: int, layers_file: str, out: str, repeats: int) -> dict:

@@ -7,7 +7,8 @@ Layers: three real all-MiniLM-L6-v2 layers (block 0: attention.self.query 384x38
 intermediate.dense 1536x384, output.dense 384x1536) with Hessians from 64 windows x 128 tokens
 of WikiText-2 valid (seed 0), and synthetic layers of 4096 inputs whose Hessian is X^T X / n of
 correlated inputs (decaying spectrum, 8 outlier features x10, one dead input). Every layer is
-pruned to 50% unstructured with the SparseGPT mask, so all updates share one mask.
+pruned to 50% unstructured with the SparseGPT mask (``--mask wanda``: Wanda's), so all updates share
+one mask; SparseGPT itself always chooses its own.
 
 Tables:
 1. time of the OPTIMA update (damping + ``solve_pinned``; method auto, pcg, direct) over the time
@@ -38,6 +39,7 @@ from rich.table import Table
 from optima import SolverOptions, damp_hessian, parse_pattern, reconstruction_objective
 from optima.hessian import HessianAccumulator
 from optima.loading import assets_dir, load_model, load_tokenizer
+from optima.masks import wanda_mask
 from optima.solver import resolve_method, solve_pinned
 from optima.sparsegpt import sparsegpt
 from optima.text import random_windows, tokenize
@@ -203,6 +205,8 @@ def bench_layer(layer: Layer, args: argparse.Namespace, device: torch.device, re
     res["base_bytes"] = (w.numel() + h.numel()) * 4
 
     w_sgpt, keep, _ = sparsegpt(w, h, PATTERN, damp=DAMP)
+    if args.mask == "wanda":
+        keep = wanda_mask(w, h, PATTERN)
     res["auto_method"] = resolve_method("auto", keep, bounded=False)
     res["default_pcg"] = "pcg" if SolverOptions().preconditioner_on(device) == "ldl" else "hinv"   # its label here
     unknowns = min(int((~keep).sum(1).max()), int(keep.sum(1).max()))   # the direct path's largest system
@@ -216,7 +220,9 @@ def bench_layer(layer: Layer, args: argparse.Namespace, device: torch.device, re
     n = min(rows, reference_rows)
     damped, best = reference_optimum(layer, w, keep, n, device, reference_cache)
     res["reference_rows"] = n
-    candidates = {"none": w * keep, "sparsegpt": w_sgpt, **new}
+    candidates = {"none": w * keep, **new}
+    if args.mask == "sparsegpt":   # its weights are on another mask otherwise: no gap to compare
+        candidates["sparsegpt"] = w_sgpt
     res["gap"] = {label: (reconstruction_objective(v[:n], w[:n], damped) - best) / best
                   for label, v in candidates.items()}
 
@@ -246,6 +252,10 @@ def parse_args() -> argparse.Namespace:
                         help="rows solved by float64 direct Cholesky for the objective gaps (MiniLM: all rows)")
     parser.add_argument("--tol", type=float, default=SolverOptions.tol,
                         help="CG stopping tolerance per row (relative objective-gap bound, or relative residual)")
+    parser.add_argument("--mask", choices=("sparsegpt", "wanda"), default="sparsegpt",
+                        help="the mask every OPTIMA update solves for (SparseGPT is timed with its own)")
+    parser.add_argument("--minilm", action=argparse.BooleanOptionalAction, default=True,
+                        help="bench the three real MiniLM layers (--no-minilm: synthetic layers only)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the CG step (default: SolverOptions' own choice)")
@@ -257,7 +267,7 @@ def parse_args() -> argparse.Namespace:
 
 def bench_all(args: argparse.Namespace, device: torch.device, console: Console) -> list[Layer]:
     """Build the MiniLM and synthetic layers and benchmark each, reporting progress."""
-    layers = minilm_layers(args.sequences, args.seq_len)
+    layers = minilm_layers(args.sequences, args.seq_len) if args.minilm else []
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.synthetic.split(",") if s]
     layers += synthetic_layers(shapes)
     cache: dict = {}
@@ -332,7 +342,7 @@ def main() -> None:
     start = time.perf_counter()
     console.print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads, "
                   f"compile={args.compile}, CG tol {args.tol:g}, best of {args.repeats}, "
-                  f"50% unstructured with the SparseGPT mask, damping {DAMP} x mean(diag H)")
+                  f"50% unstructured with the {args.mask} mask, damping {DAMP} x mean(diag H)")
     layers = bench_all(args, device, console)
     print_time_table(console, layers)
     print_iterations_table(console, layers, args.tol)

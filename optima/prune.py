@@ -80,14 +80,15 @@ def reconstruction_objective(new_weight: torch.Tensor, weight: torch.Tensor, hes
     return float((diff * (diff @ hessian.double())).sum())
 
 
-def _shared_objective(new_weight: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
-                      share: RowShare | None) -> float:
-    """``reconstruction_objective``, each process summing its share of the rows (then all add the sums)."""
+def _shared_objectives(candidates: list[torch.Tensor], weight: torch.Tensor, hessian: torch.Tensor,
+                       share: RowShare | None) -> list[float]:
+    """``reconstruction_objective`` of each candidate weight; with ``share``, each process sums its
+    share of the rows and one all-gather adds the sums of every candidate."""
     if share is None:
-        return reconstruction_objective(new_weight, weight, hessian)
+        return [reconstruction_objective(new, weight, hessian) for new in candidates]
     rows = share.span(weight.shape[0])
-    part = reconstruction_objective(new_weight[rows], weight[rows], hessian)
-    return float(share.all_gather(torch.tensor(part, dtype=torch.float64, device=weight.device)).sum())
+    parts = [reconstruction_objective(new[rows], weight[rows], hessian) for new in candidates]
+    return share.all_gather(torch.tensor(parts, dtype=torch.float64, device=weight.device)).sum(0).tolist()
 
 
 def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern) -> None:
@@ -145,9 +146,10 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
 
     masked = w * keep
     damped, damping = damp_hessian(h, config.damp)
-    objective = functools.partial(_shared_objective, weight=w, hessian=h, share=share)
-    stats = PruneStats(objective_none=objective(masked), objective=0.0, dense_energy=objective(torch.zeros_like(w)),
-                       sparsity=0.0, damping=damping.value, dead_inputs=damping.dead_inputs, seconds_mask=seconds_mask)
+    objectives = functools.partial(_shared_objectives, weight=w, hessian=h, share=share)
+    objective_none, dense_energy = objectives([masked, torch.zeros_like(w)])
+    stats = PruneStats(objective_none=objective_none, objective=0.0, dense_energy=dense_energy, sparsity=0.0,
+                       damping=damping.value, dead_inputs=damping.dead_inputs, seconds_mask=seconds_mask)
     t_update = time.perf_counter()
     if config.update == "none":
         new = masked
@@ -160,11 +162,11 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
         new = _optima_update(w, damped, keep, damping, config, stats, share)
     new = new * keep  # pruned entries are exact zeros whatever the arithmetic did
     stats.seconds_update = time.perf_counter() - t_update
-    new = _keep_the_better(new, masked, objective, config, stats)
+    new = _keep_the_better(new, masked, lambda v: objectives([v])[0], config, stats)
     if config.mask_rounds and not stats.fell_back_to_none:
         t_refine = time.perf_counter()
         keep, new = _refine(w, h, damped, keep, new, pattern, damping, config, stats, share)
-        stats.objective = objective(new)
+        stats.objective = objectives([new])[0]
         stats.seconds_update += time.perf_counter() - t_refine
     if damping.dead_inputs:
         stats.notes.append(f"{damping.dead_inputs} dead inputs (zero Hessian diagonal) left unchanged")
@@ -199,7 +201,7 @@ def _refine(w: torch.Tensor, h: torch.Tensor, damped: torch.Tensor, keep: torch.
     accepted = torch.tensor(result.accepted_rows + [0] * pad, dtype=torch.float64)
     keep, new = result.keep, result.weight.to(w.dtype)
     if share is not None:
-        keep, new = share.gather(keep.to(torch.uint8), w.shape[0]).bool(), share.gather(new, w.shape[0])
+        new, keep = share.gather_columns([new, keep], w.shape[0])
         totals = share.all_gather(torch.cat([objectives, accepted]).to(w.device)).sum(0).cpu()
         objectives, accepted = totals[:config.mask_rounds + 1], totals[config.mask_rounds + 1:]
     stats.mask_round_objectives = objectives.tolist()
@@ -251,10 +253,9 @@ def _gathered(part: QPResult, share: RowShare, rows: int) -> QPResult:
     """Join every process's rows of a solve, so that all processes hold the same whole-layer result."""
     # escalations are counted over all processes; damping and method are the same everywhere
     counts = share.all_gather(torch.tensor([part.escalated_rows, part.newton_iterations], device=part.delta.device))
-    return QPResult(delta=share.gather(part.delta, rows),
-                    converged=share.gather(part.converged.to(torch.uint8), rows).bool(),
-                    cg_iterations=share.gather(part.cg_iterations, rows),
-                    kkt_residual=share.gather(part.kkt_residual, rows),
-                    gap_bound=None if part.gap_bound is None else share.gather(part.gap_bound, rows),
-                    newton_iterations=int(counts[:, 1].max()), method=part.method, damping=part.damping,
-                    escalated_rows=int(counts[:, 0].sum()))
+    per_row = [part.delta, part.converged, part.cg_iterations, part.kkt_residual]
+    delta, converged, cg_iterations, kkt, *gap = share.gather_columns(
+        per_row if part.gap_bound is None else [*per_row, part.gap_bound], rows)
+    return QPResult(delta=delta, converged=converged, cg_iterations=cg_iterations, kkt_residual=kkt,
+                    gap_bound=gap[0] if gap else None, newton_iterations=int(counts[:, 1].max()),
+                    method=part.method, damping=part.damping, escalated_rows=int(counts[:, 0].sum()))

@@ -8,6 +8,7 @@ everywhere, about N times less solver work each.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +45,22 @@ class RowShare:
         padded = part.new_zeros((per, *part.shape[1:]))
         padded[:part.shape[0]] = part
         return self.all_gather(padded).reshape(self.world_size * per, *part.shape[1:])[:rows]
+
+    def gather_columns(self, parts: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+        """``gather`` of several per-row tensors in one collective (each collective costs a latency).
+
+        They travel as the columns of one tensor of the first one's floating dtype, which must hold
+        the others exactly (float32 holds flags and counts below 2^24), and come back in their own
+        dtypes and shapes.
+        """
+        dtype = parts[0].dtype
+        columns = [part.reshape(part.shape[0], math.prod(part.shape[1:])) for part in parts]   # (0 rows too)
+        if any(c.is_floating_point() and torch.finfo(c.dtype).bits > torch.finfo(dtype).bits for c in columns):
+            raise ValueError(f"gather_columns: {dtype} cannot hold every part exactly")
+        packed = self.gather(torch.cat([c.to(dtype) for c in columns], dim=1), rows)
+        widths = [c.shape[1] for c in columns]
+        return [column.to(part.dtype).reshape(rows, *part.shape[1:])
+                for part, column in zip(parts, packed.split(widths, dim=1))]
 
 
 def process_group_share() -> RowShare:

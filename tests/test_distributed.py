@@ -1,13 +1,20 @@
-"""Data-parallel calibration with Lightning's DDP strategy (2 CPU processes, gloo)."""
+"""Several processes: calibration under Lightning's DDP strategy, and the solve split by rows (gloo, CPU)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+
+from optima.share import RowShare
 
 # argv: devices, output folder. Each process saves its pruned weights as rank<N>.pt.
 SCRIPT = textwrap.dedent("""
@@ -45,13 +52,42 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+# gloo's TCP rendezvous over the loopback sometimes fails on the sandboxes this project runs on,
+# before any pruning code runs ("connectFullMesh failed ... Connection refused": 3 of 15 starts of
+# the row-share script in one hour of 2026-12-01, none of 24 in the next): such a start is
+# retried, any other failure fails the test.
+GLOO_CONNECT_FAILURE = "connectFullMesh failed"
+
+
+def _run_together(commands: Callable[[int], list[list[str]]], logs: Path, timeout: float = 600,
+                  attempts: int = 3) -> None:
+    """Run the processes ``commands(attempt)`` of one job at the same time until all succeed."""
+    for attempt in range(attempts):
+        files = [logs / f"stderr{attempt}.{i}" for i in range(len(commands(attempt)))]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=file.open("w"), cwd=logs,
+                                  start_new_session=True) for cmd, file in zip(commands(attempt), files)]
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for p in procs:   # one failed or time ran out: the others (and their children) would wait forever
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        errors = [file.read_text() for file, p in zip(files, procs) if p.returncode]
+        if not errors:
+            return
+        if not any(GLOO_CONNECT_FAILURE in e for e in errors):
+            break
+    pytest.fail("\n".join(e[-3000:] or f"killed after {timeout} s" for e in errors))
+
+
 def _run(tmp_path, devices: int, out) -> None:
     script = tmp_path / "ddp_prune.py"
     script.write_text(SCRIPT)
     out.mkdir()
-    done = subprocess.run([sys.executable, str(script), str(devices), str(out)], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_together(lambda _: [[sys.executable, str(script), str(devices), str(out)]], out)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -96,6 +132,8 @@ ROW_SHARE_SCRIPT = textwrap.dedent("""
                                                 result.stats.unconverged_rows, result.stats.solver_method,
                                                 result.stats.mask_round_objectives)
     torch.save(results, f"{out}/rank{rank}.pt")
+    if world > 1:
+        dist.destroy_process_group()   # left alive, gloo's threads can abort the interpreter at exit
 """)
 
 
@@ -105,11 +143,9 @@ def test_row_share_splits_the_solve_and_every_process_ends_with_the_same_weights
     script.write_text(ROW_SHARE_SCRIPT)
     for world, folder in ((2, tmp_path / "two"), (1, tmp_path / "one")):
         folder.mkdir()
-        procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(tmp_path / f"store{world}"),
-                                   str(folder)], stderr=subprocess.PIPE, text=True) for rank in range(world)]
-        for proc in procs:
-            _, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err[-3000:]
+        _run_together(lambda attempt: [[sys.executable, str(script), str(rank), str(world),
+                                        str(folder / f"store{attempt}"), str(folder)] for rank in range(world)],
+                      folder, timeout=300)
     rank0, rank1 = torch.load(tmp_path / "two" / "rank0.pt"), torch.load(tmp_path / "two" / "rank1.pt")
     single = torch.load(tmp_path / "one" / "rank0.pt")
     for key, (weight, keep, iterations, unconverged, method, _) in single.items():
@@ -122,3 +158,18 @@ def test_row_share_splits_the_solve_and_every_process_ends_with_the_same_weights
     refined = single["63 pcg 2"][5]
     assert len(refined) == 3 and refined[-1] < refined[0]                       # the refinement did something
     torch.testing.assert_close(rank0["63 pcg 2"][5], refined, rtol=1e-9, atol=0)  # summed over the processes
+
+
+def test_gather_columns_packs_per_row_tensors_into_one_collective_and_restores_their_dtypes():
+    calls = []
+    share = RowShare(0, 1, lambda t: calls.append(t) or t[None])
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(5, 3, generator=g)
+    flags, counts = torch.tensor([True, False, True, True, False]), torch.tensor([3, 0, 2**23, 7, 1])
+    bound = torch.rand(5, generator=g)
+    out = share.gather_columns([delta, flags, counts, bound], 5)
+    assert len(calls) == 1 and calls[0].shape == (5, 6)                    # one collective for all four
+    for back, part in zip(out, (delta, flags, counts, bound)):
+        assert back.dtype == part.dtype and torch.equal(back, part)
+    with pytest.raises(ValueError, match="cannot hold"):
+        share.gather_columns([delta, bound.double()], 5)
