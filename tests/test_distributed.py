@@ -64,8 +64,11 @@ def _run_together(commands: Callable[[int], list[list[str]]], logs: Path, timeou
     """Run the processes ``commands(attempt)`` of one job at the same time until all succeed."""
     for attempt in range(attempts):
         files = [logs / f"stderr{attempt}.{i}" for i in range(len(commands(attempt)))]
-        procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=file.open("w"), cwd=logs,
-                                  start_new_session=True) for cmd, file in zip(commands(attempt), files)]
+        procs = []
+        for cmd, file in zip(commands(attempt), files):
+            with file.open("w") as stderr:   # the child keeps its own copy of the descriptor
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=logs,
+                                              start_new_session=True))
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
             if time.monotonic() > deadline:
