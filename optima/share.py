@@ -54,6 +54,8 @@ class RowShare:
         dtypes and shapes.
         """
         dtype = parts[0].dtype
+        if not dtype.is_floating_point:
+            raise ValueError(f"gather_columns: the first part sets the dtype and must be floating, not {dtype}")
         columns = [part.reshape(part.shape[0], math.prod(part.shape[1:])) for part in parts]   # (0 rows too)
         if any(c.is_floating_point() and torch.finfo(c.dtype).bits > torch.finfo(dtype).bits for c in columns):
             raise ValueError(f"gather_columns: {dtype} cannot hold every part exactly")

@@ -176,3 +176,5 @@ def test_gather_columns_packs_per_row_tensors_into_one_collective_and_restores_t
         assert back.dtype == part.dtype and torch.equal(back, part)
     with pytest.raises(ValueError, match="cannot hold"):
         share.gather_columns([delta, bound.double()], 5)
+    with pytest.raises(ValueError, match="must be floating"):
+        share.gather_columns([counts, delta], 5)
