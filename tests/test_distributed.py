@@ -63,9 +63,10 @@ def _run_together(commands: Callable[[int], list[list[str]]], logs: Path, timeou
                   attempts: int = 3) -> None:
     """Run the processes ``commands(attempt)`` of one job at the same time until all succeed."""
     for attempt in range(attempts):
-        files = [logs / f"stderr{attempt}.{i}" for i in range(len(commands(attempt)))]
+        cmds = commands(attempt)
+        files = [logs / f"stderr{attempt}.{i}" for i in range(len(cmds))]
         procs = []
-        for cmd, file in zip(commands(attempt), files):
+        for cmd, file in zip(cmds, files):
             with file.open("w") as stderr:   # the child keeps its own copy of the descriptor
                 procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=logs,
                                               start_new_session=True))
