@@ -72,7 +72,7 @@ class OptimaCLI(LightningCLI):
         parser.add_argument("--lm_eval.tasks", type=Optional[list[str]], default=None,
                             help="lm-eval-harness tasks to run on the dense and the pruned model, e.g. [boolq, rte, "
                                  "hellaswag, winogrande, arc_easy, arc_challenge, openbookqa] (hub tasks need a "
-                                 "network; pip install 'optima-prune[lmeval]')")
+                                 "network; pip install -e '.[lmeval]' in the optima checkout)")
         parser.add_argument("--lm_eval.include_path", type=Optional[str], default=None,
                             help="folder of custom lm-eval task YAMLs (local tasks run offline)")
         parser.add_argument("--lm_eval.limit", type=Optional[float], default=None,

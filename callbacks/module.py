@@ -13,15 +13,35 @@ from typing_extensions import override
 
 from optima.config import OptionError
 from optima.evaluate import layer_sparsity
-from optima.loading import load_model, save_pretrained_atomic
+from optima.loading import check_save_dir, load_model, save_pretrained_atomic
+from optima.zeroshot import model_context
 
 
 class PrunableModule(pl.LightningModule):
     """Base of ``CausalLM`` and ``SentenceEncoder``; subclasses call ``save_hyperparameters()``."""
 
-    def __init__(self, model: str, kind: str, dtype: str) -> None:
+    def __init__(self, model: str, kind: str, dtype: str, save_dir: str | None) -> None:
         super().__init__()
-        self.model = load_model(model, kind, dtype)
+        if save_dir:   # before the model loads: a bad output folder fails now, not after the work
+            try:
+                check_save_dir(save_dir)
+            except ValueError as err:
+                raise OptionError("model.init_args.save_dir", str(err)) from None
+        try:
+            self.model = load_model(model, kind, dtype)
+        except (OSError, ValueError, ImportError) as err:   # a missing path or package, or no checkpoint there
+            ours = isinstance(err, (FileNotFoundError, ImportError))   # the loader's own messages name the spec
+            reason = str(err) if ours else f"cannot load {model!r}: {err}"
+            raise OptionError("model.init_args.model", reason) from None
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Refuse windows longer than the model's context (positions it never learned, or cannot index)."""
+        seq_len = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "seq_len", None)
+        context = model_context(self.model)
+        if seq_len is not None and context is not None and seq_len > context:
+            raise OptionError("data.init_args.seq_len", f"{seq_len} tokens is longer than the model's context "
+                                                        f"of {context} tokens")
 
     @property
     def tokenizer_spec(self) -> str | None:

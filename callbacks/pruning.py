@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from typing_extensions import override
 
+from optima.atomic import check_writable
 from optima.config import OptionError, PruneConfig
 from optima.model import find_blocks, linear_layers, weight_rows
 from optima.report import PruneReport, print_report, summary, write_json
@@ -82,6 +84,13 @@ class OptimaPruning(pl.Callback):
         super().__init__()
         if calibration_samples < 1:
             raise OptionError("pruning.calibration_samples", f"must be >= 1, got {calibration_samples}")
+        outputs = (("pruning.report_path", report_path, False), ("pruning.resume_dir", resume_dir, True))
+        for option, path, folder in outputs:
+            try:   # now, not after the pruning: a bad output path must not cost the run
+                if path:
+                    check_writable(path, folder)
+            except ValueError as err:
+                raise OptionError(option, str(err)) from None
         self.config = copy.deepcopy(config)
         self.calibration_samples = calibration_samples
         self.report_path = report_path
@@ -180,12 +189,19 @@ class OptimaPruning(pl.Callback):
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), disable=not self.progress, transient=False)
         n_blocks = len(find_blocks(model)[1])
+        plain = self.progress and not progress.console.is_terminal   # a log file or pipe: a line per block instead
+        start = time.perf_counter()
+
+        def on_block(i: int, n: int) -> None:
+            progress.update(blocks, completed=i, description=f"pruning block {i + 1}/{n}")
+            if plain:
+                progress.console.print(f"pruning block {i + 1}/{n} ({time.perf_counter() - start:.0f} s)")
+
         try:
             with progress:
                 blocks = progress.add_task("pruning", total=n_blocks)
                 layers = progress.add_task("layers", total=len(linear_layers(model, self.config.selection)))
-                self.run_options.on_block = lambda i, n: progress.update(
-                    blocks, completed=i, description=f"pruning block {i + 1}/{n}")
+                self.run_options.on_block = on_block
                 self.run_options.on_layer = lambda record: progress.update(
                     layers, advance=1, description=f"{record.name} ({record.shape[0]} rows)")
                 report = prune_model(model, batches, run_batch, self.config, self.run_options)

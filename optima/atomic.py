@@ -47,6 +47,24 @@ def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """Raise ``ValueError`` unless ``path`` can be written as a file (a folder with ``folder``).
+
+    Called before long work, so that a bad output path fails at once instead of after it. Missing
+    parent folders are fine (they are created); the nearest existing one must be a writable folder.
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{path} exists and is {'not ' if folder else ''}a folder")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot create {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {path}: no permission to write in {parent}")
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_target(path) as tmp:

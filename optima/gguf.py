@@ -69,7 +69,8 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
 def convert(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize ``gguf_path`` with transformers and save model + tokenizer into ``out_dir``."""
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError("reading GGUF files needs the 'gguf' package: pip install 'optima-prune[gguf]'")
+        raise ModuleNotFoundError("reading GGUF files needs the 'gguf' package: "
+                                  "pip install -e '.[gguf]' in the optima checkout")
     import transformers
 
     folder, name = str(gguf_path.parent), gguf_path.name

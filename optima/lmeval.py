@@ -1,7 +1,7 @@
 """lm-eval-harness tasks on an in-memory (e.g. just pruned) model, for users with a network.
 
-lm-eval is an optional dependency (``pip install 'optima-prune[lmeval]'``); its standard tasks
-download their datasets from the hub. Local tasks (YAML files, e.g. a ``dataset_path: json``
+lm-eval is an optional dependency (``pip install -e '.[lmeval]'`` in the optima checkout); its
+standard tasks download their datasets from the hub. Local tasks (YAML files, e.g. a ``dataset_path: json``
 task over JSONL files) load through ``include_path`` and run offline.
 """
 
@@ -27,7 +27,7 @@ def _import_lm_eval():
         from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise ImportError("lm-eval-harness is not installed; install it with "
-                          "pip install 'optima-prune[lmeval]'") from error
+                          "pip install -e '.[lmeval]' in the optima checkout") from error
     return lm_eval, HFLM, TaskManager
 
 

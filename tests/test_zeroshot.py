@@ -221,7 +221,7 @@ def test_lmeval_import_error_names_the_extra(monkeypatch):
     from optima.lmeval import evaluate_tasks
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    with pytest.raises(ImportError, match=r"optima-prune\[lmeval\]"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[lmeval\]'"):
         evaluate_tasks(tiny_llama(), word_tokenizer(), ["hellaswag"])
 
 
