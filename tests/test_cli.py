@@ -238,7 +238,7 @@ def test_cli_checks_output_paths_before_any_work(tmp_path):
     foreign = tmp_path / "my-folder"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not optima's")
-    cases = {f"--model.init_args.save_dir={foreign}": f"{foreign} holds files that optima did not write",
+    cases = {f"--model.init_args.save_dir={foreign}": f"{foreign} holds files other than a saved model (notes.txt)",
              "--model.init_args.save_dir=/dev/null/pruned": "cannot create /dev/null/pruned: /dev/null is not a folder",
              "--pruning.report_path=/dev/null/report.json":
                  "cannot create /dev/null/report.json: /dev/null is not a folder",
@@ -253,19 +253,25 @@ def test_cli_checks_output_paths_before_any_work(tmp_path):
     assert (foreign / "notes.txt").read_text() == "not optima's"
 
 
-def test_save_replaces_only_its_own_outputs(tmp_path):
+def test_save_replaces_saved_models_only(tmp_path):
     model = load_llama2c(str(assets_dir() / MODEL.removeprefix("assets:")))
     target = tmp_path / "pruned"
     save_pretrained_atomic(model, str(target))
-    first = (target / OUTPUT_MARKER).read_text()
-    save_pretrained_atomic(model, str(target))            # an earlier output of its own: replaced
-    assert (target / OUTPUT_MARKER).read_text() == first and (target / "config.json").is_file()
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="holds files that optima did not write"):
-        save_pretrained_atomic(model, str(foreign))
-    assert [p.name for p in foreign.iterdir()] == ["config.json"]
+    (target / "notes.txt").write_text("mine")             # its own output, even with a file added: replaced
+    save_pretrained_atomic(model, str(target))
+    assert (target / OUTPUT_MARKER).is_file() and not (target / "notes.txt").exists()
+    (target / OUTPUT_MARKER).unlink()                     # a checkpoint folder (or an older optima's): replaced
+    save_pretrained_atomic(model, str(target))
+    assert (target / OUTPUT_MARKER).is_file()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "config.json").write_text("{}")
+    (mixed / "results.csv").write_text("1,2")
+    with pytest.raises(ValueError, match=r"holds files other than a saved model \(results\.csv\)"):
+        save_pretrained_atomic(model, str(mixed))
+    assert sorted(p.name for p in mixed.iterdir()) == ["config.json", "results.csv"]
+    with pytest.raises(OptionError, match="is the folder of the model being pruned"):
+        CausalLM(model=str(target), save_dir=str(target))
     (tmp_path / "empty").mkdir()
     save_pretrained_atomic(model, str(tmp_path / "empty"))   # an empty folder is fine
     assert (tmp_path / "empty" / OUTPUT_MARKER).is_file()
