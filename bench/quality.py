@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import yaml
 from rich.console import Console
@@ -67,11 +68,11 @@ README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:e
 class CausalLMBench:
     """A causal LM measured exactly as its recipe measures it (perplexities, zero-shot accuracy)."""
 
-    def __init__(self, name: str, recipe: str) -> None:
-        self.name, self.recipe = name, recipe
+    def __init__(self, name: str, recipe: str, seed: int = 0) -> None:
+        self.name, self.recipe, self.seed = name, recipe, seed
         config = yaml.safe_load((ROOT / recipe).read_text())
         # the CLI links pruning.calibration_samples into the data module; do the same
-        self.data = TextData(**{**config["data"]["init_args"],
+        self.data = TextData(**{**config["data"]["init_args"], "seed": seed,
                                 "calibration_samples": config["pruning"]["calibration_samples"]})
         self.config = config["pruning"]["config"]
         self.data.setup("fit")
@@ -83,15 +84,19 @@ class CausalLMBench:
     def run(self, model, batch):
         return model(**batch, use_cache=False)
 
+    @property
+    def has_zero_shot(self) -> bool:
+        return bool(self.data.choice_items)
+
     @torch.no_grad()
-    def score(self, model) -> dict[str, float]:
+    def score(self, model, zero_shot: bool = True) -> dict[str, float]:
         hp, out = self.data.hparams, {}
         for name, windows in self.data.evaluation_ids.items():
             metric = Perplexity()
             for ids in windows.split(hp.batch_size):
                 metric.update(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), ids[:, 1:])
             out[f"{name or 'text'} ppl"] = float(metric.compute())
-        for name, items in self.data.choice_items.items():
+        for name, items in (self.data.choice_items if zero_shot else {}).items():
             scores = evaluate_choices(model, self.tokenizer, items, hp.batch_size, bos=hp.bos, max_length=hp.max_length)
             out.update({f"{name} {k}": v for k, v in scores.items()})
         return out
@@ -100,7 +105,7 @@ class CausalLMBench:
 class MiniLMBench:
     """all-MiniLM-L6-v2: mean cosine of pruned to dense sentence embeddings."""
 
-    name, recipe = "all-MiniLM-L6-v2", "recipes/minilm.yaml"
+    name, recipe, seed = "all-MiniLM-L6-v2", "recipes/minilm.yaml", 0
     protocol = ("calibration: 128 windows x 128 tokens of WikiText-2 valid, seed 0; "
                 "cosine on the first 512 sentences of WikiText-2 test")
 
@@ -120,16 +125,18 @@ class MiniLMBench:
     def run(self, model, batch):
         return model(**batch)
 
+    has_zero_shot = False
+
     @torch.no_grad()
-    def score(self, model) -> dict[str, float]:
+    def score(self, model, zero_shot: bool = True) -> dict[str, float]:
         cos = [(sentence_embeddings(model, b) * ref).sum(-1) for b, ref in zip(self.evaluation, self.reference)]
         return {"embedding cosine": float(torch.cat(cos).mean())}
 
 
 BENCHES = {
-    "SmolLM2-135M": lambda: CausalLMBench("SmolLM2-135M", "recipes/smollm2.yaml"),
-    "stories260K": lambda: CausalLMBench("stories260K", "recipes/stories260k.yaml"),
-    "all-MiniLM-L6-v2": MiniLMBench,
+    "SmolLM2-135M": lambda seed=0: CausalLMBench("SmolLM2-135M", "recipes/smollm2.yaml", seed),
+    "stories260K": lambda seed=0: CausalLMBench("stories260K", "recipes/stories260k.yaml", seed),
+    "all-MiniLM-L6-v2": lambda seed=0: MiniLMBench(),
 }
 
 
@@ -142,37 +149,63 @@ def load_results(model: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"rows": []}
 
 
-def measure(bench, patterns: list[str], methods: list[str], resume: bool, console: Console) -> None:
-    """Measure the asked rows (dense first), saving the results file after each one."""
+def row_key(row: dict) -> tuple[str, str, int]:
+    return row["pattern"], row["method"], row.get("seed", 0)
+
+
+def measure(bench, patterns: list[str], methods: list[str], resume: bool, console: Console,
+            models_dir: Path | None = None, zero_shot: bool = True) -> None:
+    """Measure the asked rows (dense first), saving the results file after each one.
+
+    With ``models_dir`` every pruned model is saved there (safetensors), and a resumed row whose
+    metrics lack the zero-shot suite is scored again from its saved model instead of pruned again.
+    """
     saved = load_results(bench.name) if resume else {"rows": []}
     saved.update(model=bench.name, recipe=bench.recipe, protocol=bench.protocol, torch=torch.__version__,
                  threads=torch.get_num_threads())
-    done = {(r["pattern"], r["method"]) for r in saved["rows"]}
+    rows = {row_key(r): r for r in saved["rows"]}
 
     def record(row: dict) -> None:
-        saved["rows"] = [r for r in saved["rows"] if (r["pattern"], r["method"]) != (row["pattern"], row["method"])]
-        saved["rows"].append(row)
+        rows[row_key(row)] = row
+        saved["rows"] = list(rows.values())
         write_atomic(results_path(bench.name), json.dumps(saved, indent=1))
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items())
-        console.print(f"{bench.name} {row['pattern']} {row['method']}: {metrics}, layer error {row['error']:.4g}, "
-                      f"{row['seconds']:.1f}s")
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items() if isinstance(v, float))
+        console.print(f"{bench.name} {row['pattern']} {row['method']} seed {row.get('seed', 0)}: {metrics}, "
+                      f"layer error {row['error']:.4g}, {row['seconds']:.1f}s")
 
-    if ("-", "dense") not in done:
-        record({"pattern": "-", "method": "dense", "metrics": bench.score(bench.dense), "error": 0.0,
+    def complete(key: tuple) -> bool:
+        saved_model = key[1] == "dense" or weights(key) is None or weights(key).is_file()
+        return key in rows and saved_model and (not zero_shot or not bench.has_zero_shot or
+                                                 "suite" in rows[key]["metrics"])
+
+    def weights(key: tuple) -> Path | None:
+        return None if models_dir is None else models_dir / f"{bench.name}-{key[0].replace(':', 'of').replace('%', 'pc')}-{key[1]}-seed{key[2]}.safetensors"
+
+    if not complete(("-", "dense", 0)):
+        record({"pattern": "-", "method": "dense", "metrics": bench.score(bench.dense, zero_shot), "error": 0.0,
                 "seconds": 0.0, "breakdown": {}})
     for label, sparsity, pattern in PATTERNS:
         for method, options in METHODS:
-            if label not in patterns or method not in methods or (label, method) in done:
+            key = (label, method, bench.seed)
+            if label not in patterns or method not in methods or complete(key):
                 continue
             if options.get("layer_budgets") == "owl" and pattern != "unstructured":
                 continue
             model = copy.deepcopy(bench.dense)
+            path = weights(key)
+            if key in rows and path is not None and path.is_file():   # pruned before: score it again
+                safetensors.torch.load_model(model, path)
+                record({**rows[key], "metrics": {**rows[key]["metrics"], **bench.score(model, zero_shot)}})
+                continue
             config = PruneConfig(**{**bench.config, "sparsity": sparsity, "pattern": pattern, **options})
             start = time.perf_counter()
             report = prune_model(model, bench.calibration, lambda b, m=model: bench.run(m, b), config)
             seconds = time.perf_counter() - start
             totals = summary(report)
-            record({"pattern": label, "method": method, "metrics": bench.score(model),
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                safetensors.torch.save_model(model, str(path))
+            record({"pattern": label, "method": method, "seed": bench.seed, "metrics": bench.score(model, zero_shot),
                     "error": totals["mean_relative_error"], "sparsity": totals["sparsity"], "seconds": seconds,
                     "breakdown": totals["seconds"]})
 
@@ -238,6 +271,11 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="*", default=[p[0] for p in PATTERNS], choices=[p[0] for p in PATTERNS])
     parser.add_argument("--methods", nargs="*", default=[m[0] for m in METHODS], choices=[m[0] for m in METHODS])
     parser.add_argument("--resume", action="store_true", help="keep saved rows and measure only the missing ones")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="calibration seeds (the causal LMs)")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="save every pruned model here; --resume then adds missing zero-shot scores from them")
+    parser.add_argument("--no-zero-shot", action="store_true",
+                        help="perplexity only (a later --resume --models-dir run adds the zero-shot suite)")
     parser.add_argument("--write-readme", action="store_true",
                         help="only rebuild the README's quality section from the saved results")
     args = parser.parse_args()
@@ -253,7 +291,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
     for name in args.models:
-        measure(BENCHES[name](), args.patterns, args.methods, args.resume, console)
+        for seed in args.seeds if name != "all-MiniLM-L6-v2" else [0]:
+            measure(BENCHES[name](seed), args.patterns, args.methods, args.resume or seed != args.seeds[0], console,
+                    args.models_dir, not args.no_zero_shot)
     print_tables(args.models, console)
 
 

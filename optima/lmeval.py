@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from optima.loading import resolve_path
+from optima.tasks import task_yaml
+
 ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+SHIPPED_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"   # YAMLs over ../shared/assets/zeroshot
+
+
+def write_local_tasks(folder: str | Path, tasks: dict[str, str]) -> list[str]:
+    """Write an lm-eval task YAML per ``{task: JSONL file}`` (``assets:`` specs allowed) into ``folder``,
+    with the hooks they load; return the lm-eval task names (``TASK_local``) to run with ``include_path=folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SHIPPED_TASKS / "utils.py", folder / "utils.py")
+    for name, source in tasks.items():
+        (folder / f"{name}_local.yaml").write_text(task_yaml(name, Path(resolve_path(source)).resolve()))
+    return [f"{name}_local" for name in tasks]
 
 
 def _import_lm_eval():

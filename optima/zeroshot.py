@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,53 +27,12 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from optima.stats import combined_mean, mean_stderr, paired_difference
+from optima.tasks import PAPER_SUITE, ChoiceItem, read_jsonl, read_task, task
+
 IGNORE = -100  # label of positions that are not scored
 _UNSET_MAX_LENGTH = int(1e30)  # transformers' model_max_length when a tokenizer sets none
 _DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer gives one
-
-
-@dataclass(frozen=True)
-class ChoiceItem:
-    """A context, its candidate endings (text appended verbatim, leading space included) and the right one."""
-
-    context: str
-    choices: tuple[str, ...]
-    label: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.context, str):
-            raise ValueError(f"ctx must be a string, got {type(self.context).__name__}")
-        if not self.choices or not all(isinstance(c, str) and c for c in self.choices):
-            raise ValueError("choices must be a non-empty list of non-empty strings")
-        if isinstance(self.label, bool) or not isinstance(self.label, int) or not 0 <= self.label < len(self.choices):
-            raise ValueError(f"label must be an integer index into the {len(self.choices)} choices, got {self.label!r}")
-
-
-def read_jsonl(path: str | Path) -> list[ChoiceItem]:
-    """Items of a JSONL file, one ``{"ctx": str, "choices": [str, ...], "label": int}`` per line.
-
-    Blank lines are skipped; a malformed line raises ValueError naming the file and line number.
-    """
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("expected a JSON object")
-                missing = {"ctx", "choices", "label"} - record.keys()
-                if missing:
-                    raise ValueError(f"missing field(s) {sorted(missing)}")
-                if not isinstance(record["choices"], list):
-                    raise ValueError("choices must be a list of strings")
-                items.append(ChoiceItem(record["ctx"], tuple(record["choices"]), record["label"]))
-            except ValueError as error:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"{path}:{number}: malformed item: {error}") from None
-    if not items:
-        raise ValueError(f"{path}: no items")
-    return items
 
 
 def model_context(model: nn.Module) -> int | None:
@@ -168,8 +127,8 @@ def build_requests(items: Sequence[ChoiceItem], tokenizer, max_length: int,
     """One request per (item, ending), longest first (as lm-eval orders them) so batches pad little."""
     requests = []
     for i, item in enumerate(items):
-        for c, choice in enumerate(item.choices):
-            context_ids, continuation_ids = encode_pair(tokenizer, item.context, choice, bos)
+        for c, (context, continuation) in enumerate(item.pairs):
+            context_ids, continuation_ids = encode_pair(tokenizer, context, continuation, bos)
             if not context_ids or not continuation_ids:
                 raise ValueError(f"item {i} choice {c}: the context or the ending encodes to no tokens")
             if len(continuation_ids) > max_length:
@@ -201,14 +160,14 @@ def batch_loglikelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """Summed log-probability of each row's labelled tokens, shape (batch,), float32.
 
     ``logits`` may cover only the last positions (e.g. from ``logits_to_keep``); the labels are
-    aligned to them from the right. Only the scored positions go through the log-softmax.
+    aligned to them from the right. Each position's log-probability is its label's logit minus the
+    log-sum-exp of its row, so no log-softmax over the vocabulary is written out.
     """
     labels = labels[:, labels.shape[1] - logits.shape[1]:]
     scored = labels != IGNORE
-    log_probs = logits[scored].float().log_softmax(-1)
-    picked = log_probs.gather(-1, labels[scored].unsqueeze(-1)).squeeze(-1)
-    rows = scored.nonzero()[:, 0]
-    return torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device).index_add_(0, rows, picked)
+    logits = logits.float()
+    picked = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return picked.masked_fill(~scored, 0.0).sum(dim=1)
 
 
 def logits_to_keep(labels: torch.Tensor) -> int:
@@ -234,10 +193,10 @@ class ChoiceAccuracy(Metric):
         super().__init__(**kwargs)
         if not items:
             raise ValueError("no items")
-        width = max(len(item.choices) for item in items)
+        width = max(len(item.pairs) for item in items)
         lengths = torch.full((len(items), width), float("nan"))
         for i, item in enumerate(items):
-            lengths[i, :len(item.choices)] = torch.tensor([float(len(c)) for c in item.choices])
+            lengths[i, :len(item.pairs)] = torch.tensor([float(n) for n in item.lengths])
         self.register_buffer("lengths", lengths, persistent=False)
         self.register_buffer("labels", torch.tensor([item.label for item in items]), persistent=False)
         self.add_state("loglik", torch.zeros(len(items), width), dist_reduce_fx="sum")
@@ -258,8 +217,22 @@ class ChoiceAccuracy(Metric):
         def fraction(hits: torch.Tensor) -> torch.Tensor:  # exact hits / n, as a float64 CPU scalar
             return torch.tensor(int(hits.sum()) / n if n else float("nan"), dtype=torch.float64)
 
-        return {"acc": fraction(loglik.argmax(dim=1) == labels),
-                "acc_norm": fraction((loglik / lengths).argmax(dim=1) == labels)}
+        return {name: fraction(hits) for name, hits in self._hits(loglik, lengths, labels).items()}
+
+    @staticmethod
+    def _hits(loglik: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per item, whether the most likely choice (``acc``) and the most likely per character
+        (``acc_norm``) is the right one; ties go to the first choice, as numpy's argmax in lm-eval."""
+        per_character = loglik.double() / lengths.double()   # lm-eval divides float64 values
+        return {"acc": loglik.argmax(dim=1) == labels, "acc_norm": per_character.argmax(dim=1) == labels}
+
+    def item_hits(self) -> dict[str, list[int]]:
+        """Per item (all of them scored), 1 where ``acc`` / ``acc_norm`` picked the right choice, else 0."""
+        if not bool(((self.count > 0) | self.lengths.isnan()).all()):
+            raise ValueError("some items were not scored")
+        loglik = (self.loglik / self.count.clamp_min(1)).masked_fill(self.lengths.isnan(), float("-inf"))
+        hits = self._hits(loglik, self.lengths.nan_to_num(1.0), self.labels)
+        return {name: h.int().tolist() for name, h in hits.items()}
 
     def item_loglikelihoods(self) -> list[list[float]]:
         """Per item, the log-likelihood of each ending (NaN where not scored), from this process's state."""
@@ -271,25 +244,105 @@ def _as_items(items: Sequence[ChoiceItem] | str | Path) -> Sequence[ChoiceItem]:
     return read_jsonl(items) if isinstance(items, (str, Path)) else items
 
 
+def shared_prefix(requests: Sequence[Request]) -> int:
+    """How many input tokens all of an item's requests start with, up to the first scored position:
+    the part a forward pass can run once for all of its choices."""
+    inputs = [r.tokens[:-1] for r in requests]
+    limit = min(len(r.tokens) - 1 - r.continuation for r in requests)
+    length = 0
+    while length < limit and all(x[length] == inputs[0][length] for x in inputs[1:]):
+        length += 1
+    return length
+
+
+def _item_batches(requests: Sequence[Request], batch_size: int) -> list[list[list[Request]]]:
+    """Requests grouped by item, items longest first, batches of whole items of at most ``batch_size``
+    requests (an item with more choices than that is a batch of its own)."""
+    by_item: dict[int, list[Request]] = {}
+    for r in requests:
+        by_item.setdefault(r.item, []).append(r)
+    items = sorted(by_item.values(), key=lambda rs: -max(len(r.tokens) for r in rs))
+    batches: list[list[list[Request]]] = []
+    for item in items:
+        if batches and sum(map(len, batches[-1])) + len(item) <= batch_size:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+def _forward_shared(model: nn.Module, cache_name: str, items: list[list[Request]],
+                    device: torch.device) -> tuple[torch.Tensor, dict]:
+    """One batch of items: each item's shared prefix runs once, its choices' suffixes run on the cached
+    keys and values. Returns the suffixes' log-likelihoods and their collated batch."""
+    prefixes = [shared_prefix(rs) for rs in items]
+    width = max(prefixes)
+    prefix_ids = torch.zeros((len(items), width), dtype=torch.long)
+    prefix_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (rs, n) in enumerate(zip(items, prefixes)):
+        prefix_ids[row, :n] = torch.tensor(rs[0].tokens[:n], dtype=torch.long)
+        prefix_mask[row, :n] = 1
+    suffixes = [Request(r.item, r.choice, r.tokens[n:], r.continuation) for rs, n in zip(items, prefixes) for r in rs]
+    owner = torch.tensor([row for row, rs in enumerate(items) for _ in rs])
+    batch = {k: v.to(device) for k, v in collate_requests(suffixes).items()}
+    out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_cache=True,
+                logits_to_keep=1)
+    cache = getattr(out, cache_name)
+    cache.batch_select_indices(owner.to(device))
+    length = batch["input_ids"].shape[1]
+    starts = torch.tensor(prefixes, device=device)[owner.to(device)]
+    logits = model(input_ids=batch["input_ids"], **{cache_name: cache}, use_cache=True,
+                   attention_mask=torch.cat([prefix_mask.to(device)[owner.to(device)], batch["attention_mask"]], 1),
+                   position_ids=starts[:, None] + torch.arange(length, device=device),
+                   logits_to_keep=logits_to_keep(batch["labels"])).logits
+    return batch_loglikelihoods(logits, batch["labels"]), batch
+
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """The name under which the model takes and returns a KV cache (transformers 5: ``cache``, before:
+    ``past_key_values``) when it also takes explicit positions and ``logits_to_keep``; else None."""
+    parameters = inspect.signature(model.forward).parameters
+    if not {"position_ids", "logits_to_keep"} <= parameters.keys():
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
 @torch.no_grad()
 def _score(model: nn.Module, tokenizer, items: Sequence[ChoiceItem], batch_size: int,
-           bos: bool | int | None, max_length: int | None) -> ChoiceAccuracy:
-    """Forward every request in batches (model in eval mode for the duration) and fill a metric."""
+           bos: bool | int | None, max_length: int | None,
+           progress: Callable[[int, int], None] | None = None) -> ChoiceAccuracy:
+    """Score every request (model in eval mode for the duration) and fill a metric.
+
+    A transformers causal LM runs each item's shared prefix once (:func:`shared_prefix`) and its
+    choices on the cached keys and values; other models run every request whole.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     requests = build_requests(items, tokenizer, max_length or resolve_max_length(model, tokenizer), bos)
     device = next(model.parameters()).device
     metric = ChoiceAccuracy(items).to(device)
+    cache_name = _cache_argument(model)
     trims_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     was_training = model.training
     model.eval()
     try:
+        done = 0
+        if cache_name is not None:
+            for batch_items in _item_batches(requests, batch_size):
+                loglik, batch = _forward_shared(model, cache_name, batch_items, device)
+                metric.update(batch["item"], batch["choice"], loglik)
+                done += len(loglik)
+                if progress is not None:
+                    progress(done, len(requests))
+            return metric
         for start in range(0, len(requests), batch_size):
             batch = {k: v.to(device) for k, v in collate_requests(requests[start:start + batch_size]).items()}
             extra = {"logits_to_keep": logits_to_keep(batch["labels"])} if trims_logits else {}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                            **extra).logits
             metric.update(batch["item"], batch["choice"], batch_loglikelihoods(logits, batch["labels"]))
+            if progress is not None:
+                progress(min(start + batch_size, len(requests)), len(requests))
     finally:
         model.train(was_training)
     return metric
@@ -313,3 +366,46 @@ def evaluate_choices(model: nn.Module, tokenizer, items: Sequence[ChoiceItem] | 
     items = _as_items(items)
     metric = _score(model, tokenizer, items, batch_size, bos, max_length)
     return {name: float(value) for name, value in metric.compute().items()}
+
+
+def evaluate_suite(model: nn.Module, tokenizer, tasks: Mapping[str, str] = PAPER_SUITE, *, limit: int | None = None,
+                   batch_size: int = 32, bos: bool | int | None = None, max_length: int | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
+    """Zero-shot accuracy of a causal LM on lm-eval tasks read from local files, as lm-eval scores them.
+
+    ``tasks``: ``{lm-eval task name: JSONL file in its hub row schema}`` (``assets:`` specs allowed;
+    see :mod:`optima.tasks`); ``limit``: the first N items of each task (lm-eval's ``--limit``);
+    ``batch_size``: sequences per forward pass; ``progress(task, done, total)`` after every batch.
+    Per task: ``acc``, ``acc_stderr`` (lm-eval's sample standard error), ``acc_norm`` and
+    ``acc_norm_stderr`` where lm-eval reports them, ``n``, ``metric`` (the one the suite mean takes),
+    and per item ``hits`` (0/1 for each metric, for paired differences) and ``loglikelihoods``.
+    """
+    results = {}
+    for name, source in tasks.items():
+        spec = task(name)
+        items = read_task(name, source, limit)
+        report = None if progress is None else (lambda done, total, name=name: progress(name, done, total))
+        metric = _score(model, tokenizer, items, batch_size, bos, max_length, report)
+        hits = metric.item_hits()
+        result: dict = {"n": len(items), "metric": spec.metric}
+        for key in spec.metrics:
+            result[key], result[f"{key}_stderr"] = mean_stderr(hits[key])
+        result["hits"] = {key: hits[key] for key in spec.metrics}
+        result["loglikelihoods"] = metric.item_loglikelihoods()
+        results[name] = result
+    return results
+
+
+def suite_mean(results: Mapping[str, dict]) -> tuple[float, float]:
+    """The suite's headline: the mean over its tasks of each task's ``metric``, and its standard error."""
+    return combined_mean({name: (r[r["metric"]], r[f"{r['metric']}_stderr"]) for name, r in results.items()})
+
+
+def suite_difference(before: Mapping[str, dict], after: Mapping[str, dict]) -> dict[str, tuple[float, float]]:
+    """``after - before`` per task (each task's suite metric) and for the suite mean (key ``"mean"``), each
+    with its paired standard error over the same items."""
+    if before.keys() != after.keys():
+        raise ValueError(f"different tasks: {sorted(before)} and {sorted(after)}")
+    differences = {name: paired_difference(before[name]["hits"][before[name]["metric"]],
+                                           after[name]["hits"][after[name]["metric"]]) for name in before}
+    return {**differences, "mean": combined_mean(differences)}

@@ -58,8 +58,8 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-ITEMS = [ChoiceItem("a b c d e a b", (" c", " d e a b c"), 1), ChoiceItem("c", (" a", " b", " e e"), 2),
-         ChoiceItem("d e ", ("a b c d", "e", "c c"), 0), ChoiceItem("b a b a b a b a b a", (" e", " d"), 0)]
+ITEMS = [ChoiceItem.with_endings("a b c d e a b", (" c", " d e a b c"), 1), ChoiceItem.with_endings("c", (" a", " b", " e e"), 2),
+         ChoiceItem.with_endings("d e ", ("a b c d", "e", "c c"), 0), ChoiceItem.with_endings("b a b a b a b a b a", (" e", " d"), 0)]
 
 
 def direct_loglikelihood(model: nn.Module, context: str, choice: str) -> float:
@@ -96,7 +96,7 @@ def test_hand_computed_bigram_scores_and_metrics():
     probs[ID["d"]] = torch.tensor([0.75 / 7] * 7 + [0.25])  # d -> e 0.25
     probs[ID["c"]] = torch.tensor([0.3 / 6] * 3 + [0.6, 0.1] + [0.3 / 6] * 3)  # c -> a 0.6, c -> b 0.1
     model = Bigram((probs / probs.sum(1, keepdim=True)).log())
-    items = [ChoiceItem("a b", (" c", " d e"), 1), ChoiceItem("c", (" a", " b"), 0)]
+    items = [ChoiceItem.with_endings("a b", (" c", " d e"), 1), ChoiceItem.with_endings("c", (" a", " b"), 0)]
     expected = [[math.log(0.25), math.log(0.5) + math.log(0.25)], [math.log(0.6), math.log(0.1)]]
     got = score_choices(model, word_tokenizer(), items, batch_size=3, max_length=16)
     for row, reference in zip(got, expected, strict=True):
@@ -108,7 +108,7 @@ def test_hand_computed_bigram_scores_and_metrics():
 @pytest.fixture(scope="module")
 def llama_reference() -> tuple[LlamaForCausalLM, list[list[float]]]:
     model = tiny_llama()
-    return model, [[direct_loglikelihood(model, item.context, c) for c in item.choices] for item in ITEMS]
+    return model, [[direct_loglikelihood(model, c, e) for c, e in item.pairs] for item in ITEMS]
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 9])
@@ -137,7 +137,7 @@ def test_trimmed_logits_give_the_same_scores():
 
 def test_left_truncation_to_max_length():
     model, tokenizer = tiny_llama(), word_tokenizer()
-    item = ChoiceItem("a b c d e a b", (" c d",), 0)
+    item = ChoiceItem.with_endings("a b c d e a b", (" c d",), 0)
     ids = [ID["<s>"]] + [ID[w] for w in "a b c d e a b c d".split()]
     kept = ids[-(5 + 1):]  # max_length 5: the last 6 tokens, the final one only as a target
     with torch.no_grad():
@@ -161,14 +161,14 @@ def test_model_mode_restored_and_bos_changes_scores():
     plain = score_choices(model, tokenizer, ITEMS[:1])
     assert model.training
     with_bos = score_choices(model, tokenizer, ITEMS[:1], bos=True)
-    assert with_bos[0] == pytest.approx([direct_loglikelihood(model.eval(), ITEMS[0].context, c)
-                                         for c in ITEMS[0].choices], abs=1e-5)
+    assert with_bos[0] == pytest.approx([direct_loglikelihood(model.eval(), c, e)
+                                         for c, e in ITEMS[0].pairs], abs=1e-5)
     assert with_bos != plain
 
 
 def test_metric_merges_split_duplicated_and_partial_updates():
-    items = [ChoiceItem("x", (" a", " bbbb"), 1), ChoiceItem("y", (" a", " b", " c"), 0),
-             ChoiceItem("z", (" a", " b"), 0)]
+    items = [ChoiceItem.with_endings("x", (" a", " bbbb"), 1), ChoiceItem.with_endings("y", (" a", " b", " c"), 0),
+             ChoiceItem.with_endings("z", (" a", " b"), 0)]
     loglik = {(0, 0): -2.0, (0, 1): -3.0, (1, 0): -1.0, (1, 1): -5.0, (1, 2): -0.5, (2, 0): -1.0, (2, 1): -2.0}
     keys = list(loglik)
 
@@ -211,7 +211,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, problem):
 def test_read_jsonl_and_empty_file(tmp_path):
     path = tmp_path / "items.jsonl"
     path.write_text('{"ctx": "c", "choices": [" a", " b"], "label": 1}\n\n')
-    assert read_jsonl(path) == [ChoiceItem("c", (" a", " b"), 1)]
+    assert read_jsonl(path) == [ChoiceItem.with_endings("c", (" a", " b"), 1)]
     path.write_text("\n")
     with pytest.raises(ValueError, match="no items"):
         read_jsonl(path)
