@@ -17,7 +17,9 @@ import importlib
 import json
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -71,7 +73,35 @@ def resolve(spec: str) -> str:
     local_parent = "/" in spec and Path(spec.split("/", 1)[0]).is_dir()  # "runs/model": not a hub id
     if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".bin") or spec.count("/") > 1 or local_parent:
         raise FileNotFoundError(f"model path not found: {spec}")
+    check_hub_reachable(spec)
     return spec  # a hub id
+
+
+def check_hub_reachable(repo_id: str) -> None:
+    """Raise ``FileNotFoundError`` at once when hub id ``repo_id`` is not in the local Hugging Face cache
+    and cannot be downloaded: offline mode, or the hub's host unreachable (one connection attempt, 3 s,
+    instead of huggingface_hub's retries, which take 20 s and more). Behind a proxy the hub decides."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+        return   # cached: from_pretrained finds it with or without a network
+    except LocalEntryNotFoundError:
+        pass
+    local = ("with no network, pass a local folder (save_pretrained output), a .gguf file, gguf:PACKAGE or "
+             "package:NAME, or download it once where there is a network")
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{repo_id} is a hub id, not in the local Hugging Face cache, and HF_HUB_OFFLINE "
+                                f"is set; {local}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as err:
+        raise FileNotFoundError(f"{repo_id} is a hub id, not in the local Hugging Face cache, and {url.hostname} "
+                                f"cannot be reached ({err.strerror or err}); {local}") from None
 
 
 def load_model(spec: str, kind: str = "causal_lm", dtype: str = "float32") -> nn.Module:
@@ -99,6 +129,11 @@ def load_tokenizer(spec: str):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(where, local_files_only=Path(where).exists())
+
+
+def load_problem(spec: str, err: Exception) -> str:
+    """Why ``spec`` did not load, in one line (the loader's own errors name the spec already)."""
+    return str(err) if isinstance(err, (FileNotFoundError, ImportError)) else f"cannot load {spec!r}: {err}"
 
 
 def check_save_dir(save_dir: str, source: str | None = None) -> None:

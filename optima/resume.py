@@ -44,6 +44,23 @@ def fingerprint(*parts: Any) -> str:
     return digest.hexdigest()
 
 
+class ForeignCheckpoints(ValueError):
+    """The checkpoint directory holds another pruning run's blocks."""
+
+
+def block_path(directory: str | os.PathLike, block: int) -> Path:
+    """Where block ``block``'s results are kept in ``directory``."""
+    return Path(directory) / f"block-{block:04d}.pt"
+
+
+def finished_blocks(directory: str | os.PathLike) -> int:
+    """How many blocks, from the first, ``directory`` holds finished (0 for a new or missing directory)."""
+    count = 0
+    while block_path(directory, count).exists():
+        count += 1
+    return count
+
+
 class BlockCheckpoints:
     """Per-block results of one pruning run, kept in ``directory``."""
 
@@ -52,20 +69,17 @@ class BlockCheckpoints:
         self.directory.mkdir(parents=True, exist_ok=True)
         stamp = self.directory / "fingerprint.txt"
         if stamp.exists() and stamp.read_text().strip() != run_fingerprint:
-            raise ValueError(f"{self.directory} holds checkpoints of a different pruning run "
+            raise ForeignCheckpoints(f"{self.directory} holds checkpoints of a different pruning run "
                              "(other options, layers or calibration data); use a fresh directory")
         if not stamp.exists():
             write_atomic(stamp, run_fingerprint)
 
-    def _path(self, block: int) -> Path:
-        return self.directory / f"block-{block:04d}.pt"
-
     def load(self, block: int) -> dict[str, Any] | None:
         """The saved results of ``block``, or None if it has not finished."""
-        path = self._path(block)
+        path = block_path(self.directory, block)
         return torch.load(path, weights_only=False) if path.exists() else None
 
     def save(self, block: int, state: dict[str, Any]) -> None:
         """Write one block's results atomically."""
-        with atomic_target(self._path(block)) as tmp:
+        with atomic_target(block_path(self.directory, block)) as tmp:
             torch.save(state, tmp)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from optima.config import OptionError
 from optima.loading import resolve_path
 
 
@@ -42,6 +43,18 @@ def tokenize(text: str, tokenizer) -> torch.Tensor:
     # verbose=False: the whole text is longer than the model's context on purpose (it is windowed next)
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def read_tokens(option: str, source: str, tokenizer, seq_len: int, bos: int | None) -> torch.Tensor:
+    """The token ids of ``source``; ``OptionError`` naming ``option`` and the source when they cannot
+    fill one window of ``seq_len`` positions (the BOS, when ``bos`` is set, takes the first one)."""
+    ids = tokenize(read_text(source), tokenizer)
+    needed = seq_len - (bos is not None)
+    if ids.numel() < needed:
+        note = f" (the BOS token takes one of its {seq_len} positions)" if bos is not None else ""
+        raise OptionError(option, f"{source} has {ids.numel()} tokens; one window of seq_len={seq_len} needs "
+                                  f"{needed}{note}: use a longer text or a smaller --data.init_args.seq_len")
+    return ids
 
 
 def bos_token_id(tokenizer) -> int | None:
