@@ -8,32 +8,50 @@
 The ``pruning:`` section configures ``OptimaPruning`` (``pruning.config`` is the
 ``PruneConfig``); ``evaluate: true`` validates the dense model before the fit and the
 pruned one after it, and prints both; an ``lm_eval:`` section adds lm-eval-harness
-tasks to both evaluations. Bad options end the command with one line and status 2.
+tasks to both evaluations. Bad options end the command with one line and status 2, before
+anything is written; an interrupted one says in one line what it finished and what it left
+unchanged (status 130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
+import importlib
+import inspect
 import logging
+import os
+import re
+import shlex
 import sys
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
+import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
+from optima.atomic import check_writable, write_atomic
+from optima.callbacks.command import Interrupted, interruptible
+from optima.callbacks.module import check_save_dir_option
 from optima.callbacks.pruning import OptimaPruning
 from optima.config import OptionError
 from optima.loading import load_tokenizer
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes (editable installs)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMAND_HELP = ("The model and data options depend on the recipe's classes: 'optima fit --config RECIPE "
+                   "--print_config' prints every value a recipe sets, and '--model.help optima.callbacks.lm.CausalLM' "
+                   "or '--data.help optima.callbacks.lm.TextData' lists a class's options (see "
+                   "optima.callbacks.encoder for the encoder recipe's).")
 
 
 def description() -> str:
@@ -50,18 +68,91 @@ def description() -> str:
 
 
 class EvaluationBar(TQDMProgressBar):
-    """Lightning's progress bar with the evaluation named: "dense evaluation", "pruned evaluation"."""
+    """Lightning's progress bar with the evaluation named: "dense evaluation", "pruned evaluation".
+
+    ``plain`` (output to a log file or a pipe): no bars, a line per finished dataloader instead.
+    """
 
     label = "evaluation"
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        self.plain = plain
+        self.started = time.perf_counter()
 
     @property
     @override
     def validation_description(self) -> str:
         return self.label
 
+    @property
+    @override
+    def is_disabled(self) -> bool:
+        return self.plain or super().is_disabled
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
+        self.started = time.perf_counter()
+
+    on_test_start = on_validation_start
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._line(batch, batch_idx, dataloader_idx, self.total_val_batches_current_dataloader,
+                   len(trainer.num_val_batches))
+
+    @override
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._line(batch, batch_idx, dataloader_idx, self.total_test_batches_current_dataloader,
+                   len(trainer.num_test_batches))
+
+    def _line(self, batch: Any, batch_idx: int, dataloader_idx: int, total: float, loaders: int) -> None:
+        """In plain mode, a line when a dataloader's last batch is done: which one, its batches, the time so far."""
+        if not self.plain or batch_idx + 1 != total or not self.trainer.is_global_zero:
+            return
+        name = batch.get("task") or (batch.get("text") or [""])[0] if isinstance(batch, dict) else ""
+        print(f"{self.label}: {dataloader_idx + 1}/{loaders} {name or 'text'} done ({int(total)} batches, "
+              f"{time.perf_counter() - self.started:.0f} s)", flush=True)
+
+
+class ConfigAtFitEnd(SaveConfigCallback):
+    """Lightning's ``config.yaml``, written (atomically) when a fit ends, with the outputs it describes: a
+    refused or interrupted fit leaves the previous run's in place; validate and test write none."""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pass
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            write_atomic(Path(trainer.log_dir) / self.config_filename, self.parser.dump(self.config, skip_none=False))
+
+
+@dataclass
+class Progress:
+    """How far the command got: what the line an interruption prints says."""
+
+    cli: OptimaCLI | None = None
+    stage: str = "starting"   # then "dense evaluation", "pruning", "pruned evaluation"; or "evaluation"
+
 
 class OptimaCLI(LightningCLI):
-    """LightningCLI plus a ``pruning`` section and a dense-vs-pruned evaluation around ``fit``."""
+    """LightningCLI plus a ``pruning`` section and a dense-vs-pruned evaluation around ``fit``.
+
+    Every check runs before anything is written: fit's output paths before the classes are built,
+    the data against the model before the first evaluation or the pruning.
+    """
+
+    def __init__(self, *args: Any, progress: Progress, **kwargs: Any) -> None:
+        self.progress = progress
+        progress.cli = self
+        super().__init__(*args, **kwargs)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -84,8 +175,37 @@ class OptimaCLI(LightningCLI):
         """The recipe's Trainer, with Lightning's progress bar replaced by one that names each evaluation."""
         trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
         if trainer.get("enable_progress_bar") is not False and "callbacks" not in kwargs:
-            kwargs["callbacks"] = [*(trainer.get("callbacks") or []), EvaluationBar()]
+            kwargs["callbacks"] = [*(trainer.get("callbacks") or []), EvaluationBar(plain=not self.console.is_terminal)]
         return super().instantiate_trainer(**kwargs)
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        """fit's output paths, checked before the model loads (validate and test write nothing)."""
+        if self.subcommand != "fit":
+            return
+        config = self.config.fit
+        model = config.model.get("init_args") or {}
+        check_save_dir_option(model.get("save_dir"), model.get("model"))
+        OptimaPruning.check_outputs(config.pruning.get("report_path"), config.pruning.get("resume_dir"))
+        root = config.trainer.get("default_root_dir") or os.getcwd()
+        try:
+            check_writable(Path(root) / "config.yaml")
+        except ValueError as err:
+            raise OptionError("trainer.default_root_dir", str(err)) from None
+
+    def _check_inputs(self, stage: str) -> None:
+        """Read the data and check it against the model now, before any evaluation, pruning or output."""
+        if self.datamodule is not None:
+            self.datamodule.setup(stage)   # the data modules keep what they read: Lightning's call reuses it
+        check_data = getattr(self.model, "check_data", None)
+        if check_data is not None:
+            check_data(self.datamodule)
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``, with how far it got kept for an interruption's message."""
+        self.progress.stage = "pruning"
+        self.trainer.fit(**kwargs)
+        self.progress.stage = "pruned evaluation"
 
     def _evaluation_on(self) -> bool:
         hp = getattr(self.datamodule, "hparams", {})
@@ -101,6 +221,8 @@ class OptimaCLI(LightningCLI):
         return Console() if Console().is_terminal else Console(width=200)
 
     def before_fit(self) -> None:
+        self._check_inputs("fit")
+        self.progress.stage = "dense evaluation"
         self.dense_metrics = self._validate("dense") if self._evaluation_on() else None
         self.console.rule("calibrating and pruning")
 
@@ -115,9 +237,13 @@ class OptimaCLI(LightningCLI):
                     self.console.print(f"{label} written to {path}", soft_wrap=True)
 
     def before_validate(self) -> None:
+        self._check_inputs("validate")
+        self.progress.stage = "evaluation"
         self.config_init[self.subcommand]["verbose"] = False  # our table below, not Lightning's per-dataloader one
 
     def before_test(self) -> None:
+        self._check_inputs("test")
+        self.progress.stage = "evaluation"
         self.config_init[self.subcommand]["verbose"] = False
 
     def after_validate(self) -> None:
@@ -177,17 +303,105 @@ def _option_name(option: str) -> str:
         f"--pruning.config.{option}"
 
 
-def _usage_problem(err: BaseException) -> str | None:
+def _usage_problem(err: BaseException, args: list[str], progress: Progress) -> str | None:
     """The one-line message for a bad option or a missing input file, looked for along the exception chain
     (jsonargparse wraps what a class raises while it instantiates it); None for any other error."""
+    chain: list[BaseException] = []
     seen: BaseException | None = err
     while seen is not None:
+        chain.append(seen)
         if isinstance(seen, OptionError):
             return f"{_option_name(seen.option)}: {seen.reason}"
-        if isinstance(seen, (FileNotFoundError, argparse.ArgumentError)):
+        if isinstance(seen, FileNotFoundError):
             return str(seen)
+        if isinstance(seen, argparse.ArgumentError):
+            return _parse_problem(str(seen), "\n".join(map(str, chain)), args, progress)
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _parse_problem(message: str, details: str, args: list[str], progress: Progress) -> str:
+    """jsonargparse's ``message`` made plain (``details``: the messages of the errors it wraps): the
+    recipe file and line of a YAML error; for a misspelt option, the nearest valid name."""
+    if message.startswith("Problems parsing config"):
+        for path in _config_files(args):
+            try:
+                yaml.safe_load(Path(path).read_text())
+            except yaml.MarkedYAMLError as bad:
+                mark = bad.problem_mark or bad.context_mark
+                return f"{path}: line {mark.line + 1}, column {mark.column + 1}: {bad.problem or bad.context}"
+            except (OSError, yaml.YAMLError):
+                continue
+    unknown = re.search(r'Parser key "(\w+)".*class_path \'([\w.]+)\':\s*Option \'(\w+)\' is not accepted', details,
+                        re.DOTALL)
+    if unknown:
+        group, class_path, name = unknown.groups()
+        module, _, cls = class_path.rpartition(".")
+        valid = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+        return f"--{group}.init_args.{name}: not an option of {class_path}" + _suggest(
+            name, list(valid), f"--{group}.init_args.")
+    cli = progress.cli
+    parsers = getattr(cli, "_subcommand_parsers", {})
+    subcommand = next((a for a in args if a in SUBCOMMANDS), None)
+    options = [o for o in getattr(parsers.get(subcommand), "_option_string_actions", {}) if o.startswith("--")]
+    unknown = re.search(r"unrecognized arguments: (--[\w.]+)", message)
+    if unknown:
+        return f"{message}{_suggest(unknown.group(1), options)}"
+    unknown = re.search(r"(Group|Subcommand) '([\w.]+)' does not accept option '([\w.]+)'", message)
+    if unknown:
+        kind, group, name = unknown.groups()
+        key = f"{group}.{name}" if kind == "Group" else name
+        where = next((f" in {path}" for path in _config_files(args) if _has_key(path, key)), "")
+        return f"{key}{where}: not an option{_suggest(key, [o.removeprefix('--') for o in options])}"
+    return message
+
+
+def _suggest(name: str, valid: list[str], prefix: str = "") -> str:
+    """`` (did you mean PREFIX+NEAREST?)`` for the valid name closest to ``name``, or nothing."""
+    nearest = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{nearest[0]}?)" if nearest else ""
+
+
+def _has_key(path: str, key: str) -> bool:
+    """Whether the YAML file ``path`` sets the dotted ``key``."""
+    try:
+        node = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _config_files(args: list[str]) -> list[str]:
+    """The ``--config`` files of a command line, in order."""
+    files = [value for flag, value in zip(args, args[1:]) if flag == "--config"]
+    return files + [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+
+
+def _interruption(progress: Progress, args: list[str]) -> str:
+    """What an interrupted command finished and what it left unchanged, for ``Interrupted.report``."""
+    cli, stage = progress.cli, progress.stage
+    if stage == "starting" or getattr(cli, "subcommand", None) != "fit":
+        return f"{'while starting' if stage == 'starting' else 'during the ' + stage}: nothing was written"
+    pruning = next(c for c in cli.trainer.callbacks if isinstance(c, OptimaPruning))
+    config = os.path.join(cli.trainer.log_dir, "config.yaml")
+    outputs = [p for p in (getattr(cli.model, "save_dir", None), pruning.report_path, config) if p]
+    if stage == "pruned evaluation":
+        return f"during the pruned evaluation: the pruning finished and wrote {', '.join(outputs)}"
+    kept = [p for p in outputs if os.path.exists(p)]
+    unchanged = f"left unchanged: {', '.join(kept)}" if kept else "no output written"
+    if stage == "pruning" and pruning.pruned:
+        return f"after pruning, before the fit ended and wrote its outputs: {unchanged}"
+    if stage != "pruning" or pruning.block is None:
+        return f"during the {stage if stage != 'pruning' else 'calibration'}: {unchanged}"
+    block, blocks = pruning.block
+    resume_dir = pruning.run_options.resume_dir
+    kept_blocks = (f"{block} finished blocks kept in {resume_dir}; resume with: optima {shlex.join(args)}" if resume_dir
+                   else f"{block} finished blocks not kept (--pruning.resume_dir=DIR keeps them for a rerun)")
+    return f"while pruning block {block + 1}/{blocks}: {unchanged}; {kept_blocks}"
 
 
 def _quiet_libraries() -> None:
@@ -203,20 +417,29 @@ def _quiet_libraries() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``optima`` console script."""
-    _quiet_libraries()
+    """Run the ``optima`` command (the console script is ``optima.callbacks.command.main``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    progress = Progress()
     kwargs = {"exit_on_error": False}
-    try:
-        OptimaCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                  args=args, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                  trainer_defaults={"max_epochs": 0, "num_sanity_val_steps": 0,
-                                    "enable_checkpointing": False, "enable_model_summary": False, "logger": False},
-                  parser_kwargs={**kwargs, "description": description(), **{s: kwargs for s in SUBCOMMANDS}})
-    except Exception as err:
-        problem = _usage_problem(err)
-        if problem is None:
-            raise
-        sys.exit(_usage_error(problem))
+    subcommands = {s: {**kwargs, "description": SUBCOMMAND_HELP,
+                       "usage": f"optima {s} [-h] [--config RECIPE ...] [--print_config] [--OPTION=VALUE ...]"}
+                   for s in SUBCOMMANDS}
+    with interruptible():
+        try:
+            _quiet_libraries()
+            OptimaCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      args=args, save_config_callback=ConfigAtFitEnd, auto_configure_optimizers=False,
+                      trainer_defaults={"max_epochs": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
+                                        "enable_model_summary": False, "logger": False},
+                      parser_kwargs={**kwargs, "prog": "optima", "description": description(), **subcommands},
+                      progress=progress)
+        except Interrupted as stop:
+            sys.exit(stop.report(_interruption(progress, argv)))
+        except Exception as err:
+            problem = _usage_problem(err, argv, progress)
+            if problem is None:
+                raise
+            sys.exit(_usage_error(problem))
 
 
 def _usage_error(message: str) -> int:

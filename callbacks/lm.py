@@ -20,8 +20,9 @@ from typing_extensions import override
 
 from optima.callbacks.module import PrunableModule, check_window_options
 from optima.evaluate import block_output_errors, overall_sparsity
-from optima.loading import load_tokenizer, resolve_path
-from optima.text import bos_token_id, check_source, consecutive_windows, prefix_token, random_windows, read_text, tokenize
+from optima.config import OptionError
+from optima.loading import load_problem, load_tokenizer, resolve_path
+from optima.text import bos_token_id, check_source, consecutive_windows, prefix_token, random_windows, read_tokens
 from optima.zeroshot import (ChoiceAccuracy, ChoiceItem, batch_loglikelihoods, build_requests, collate_requests,
                              logits_to_keep, read_jsonl)
 
@@ -164,13 +165,20 @@ class TextData(pl.LightningDataModule):
                  max_length: int = 2048) -> None:
         super().__init__()
         check_window_options(seq_len, calibration_samples, batch_size)
-        check_source(calibration)
-        for source in [*self.evaluation_sources(evaluation).values(), *(zero_shot or {}).values()]:
+        texts = [("data.init_args.calibration", calibration),
+                 *(("data.init_args.evaluation", source) for source in self.evaluation_sources(evaluation).values())]
+        for option, source in texts:
+            try:
+                check_source(source)
+            except FileNotFoundError as err:
+                raise OptionError(option, str(err)) from None
+        for source in (zero_shot or {}).values():
             check_source(source)
         self.save_hyperparameters()
         self.choice_items: dict[str, list[ChoiceItem]] = {}
         self.choice_requests: dict[str, list] = {}
         self.bos: int | None = None
+        self.vocab_size: int | None = None   # the tokenizer's, checked against the model's embedding
         self.calibration_ids: torch.Tensor | None = None
         self.evaluation_ids: dict[str, torch.Tensor] = {}
 
@@ -186,15 +194,19 @@ class TextData(pl.LightningDataModule):
         hp = self.hparams
         if self.calibration_ids is not None:
             return
-        tokenizer = load_tokenizer(hp.tokenizer)
+        try:
+            tokenizer = load_tokenizer(hp.tokenizer)
+        except (OSError, ValueError, ImportError) as err:   # a missing path or package, no tokenizer there
+            raise OptionError("data.init_args.tokenizer", load_problem(hp.tokenizer, err)) from None
+        self.vocab_size = len(tokenizer)
         self.bos = bos_token_id(tokenizer) if hp.bos is None else (tokenizer.bos_token_id if hp.bos else None)
         if hp.bos and self.bos is None:
-            raise ValueError(f"bos=True, but the tokenizer {hp.tokenizer} has no BOS token")
+            raise OptionError("data.init_args.bos", f"bos=True, but the tokenizer {hp.tokenizer} has no BOS token")
         text_len = hp.seq_len - (self.bos is not None)
-        ids = tokenize(read_text(hp.calibration), tokenizer)
+        ids = read_tokens("data.init_args.calibration", hp.calibration, tokenizer, hp.seq_len, self.bos)
         self.calibration_ids = prefix_token(random_windows(ids, text_len, hp.calibration_samples, hp.seed), self.bos)
         for name, source in self.evaluation_sources(hp.evaluation).items():
-            ids = tokenize(read_text(source), tokenizer)
+            ids = read_tokens("data.init_args.evaluation", source, tokenizer, hp.seq_len, self.bos)
             self.evaluation_ids[name] = prefix_token(consecutive_windows(ids, text_len, hp.eval_windows), self.bos)
         for name, source in (hp.zero_shot or {}).items():
             self.choice_items[name] = read_jsonl(resolve_path(source))[: hp.zero_shot_items]

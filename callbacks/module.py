@@ -13,8 +13,10 @@ from typing_extensions import override
 
 from optima.config import OptionError
 from optima.evaluate import layer_sparsity
-from optima.loading import check_save_dir, load_model, save_pretrained_atomic
+from optima.loading import check_save_dir, load_model, load_problem, save_pretrained_atomic
 from optima.zeroshot import model_context
+
+VOCAB_PADDING = 0.9   # a tokenizer smaller than this fraction of the embedding rows is another model's
 
 
 class PrunableModule(pl.LightningModule):
@@ -22,26 +24,40 @@ class PrunableModule(pl.LightningModule):
 
     def __init__(self, model: str, kind: str, dtype: str, save_dir: str | None) -> None:
         super().__init__()
-        if save_dir:   # before the model loads: a bad output folder fails now, not after the work
-            try:
-                check_save_dir(save_dir, source=model)
-            except ValueError as err:
-                raise OptionError("model.init_args.save_dir", str(err)) from None
+        self.save_dir = save_dir   # checked when a fit sets up, written when it ends; validate and test never touch it
         try:
             self.model = load_model(model, kind, dtype)
         except (OSError, ValueError, ImportError) as err:   # a missing path or package, or no checkpoint there
-            ours = isinstance(err, (FileNotFoundError, ImportError))   # the loader's own messages name the spec
-            reason = str(err) if ours else f"cannot load {model!r}: {err}"
-            raise OptionError("model.init_args.model", reason) from None
+            raise OptionError("model.init_args.model", load_problem(model, err)) from None
 
     @override
     def setup(self, stage: str) -> None:
-        """Refuse windows longer than the model's context (positions it never learned, or cannot index)."""
-        seq_len = getattr(getattr(self.trainer.datamodule, "hparams", None), "seq_len", None)
+        """Fail before the work: fit's output folder (``check_save_dir_option``), then the data (``check_data``)."""
+        if stage == "fit":
+            check_save_dir_option(self.save_dir, self.hparams.model)
+        self.check_data(self.trainer.datamodule)
+
+    def check_data(self, datamodule: pl.LightningDataModule | None) -> None:
+        """Refuse data this model cannot read: windows longer than its context (positions it never learned,
+        or cannot index), or a tokenizer of another vocabulary than its embedding's."""
+        hp = getattr(datamodule, "hparams", None)
+        seq_len = getattr(hp, "seq_len", None)
         context = model_context(self.model)
         if seq_len is not None and context is not None and seq_len > context:
             raise OptionError("data.init_args.seq_len", f"{seq_len} tokens is longer than the model's context "
                                                         f"of {context} tokens")
+        vocab = getattr(datamodule, "vocab_size", None)
+        if vocab is None:
+            return
+        rows = self.model.get_input_embeddings().num_embeddings
+        # embeddings are often padded past the vocabulary (to a multiple of 64 or 128: up to 2% more rows)
+        if not VOCAB_PADDING * rows <= vocab <= rows:
+            effect = (f"ids from {rows} up would index past them" if vocab > rows else
+                      "its ids would mean other tokens to this model")
+            raise OptionError("data.init_args.tokenizer", f"{hp.tokenizer} has {vocab} tokens, but the model "
+                                                          f"{self.hparams.model} has {rows} embedding rows: {effect}; "
+                                                          "use the model's own tokenizer (for "
+                                                          "--model.init_args.tokenizer too)")
 
     @property
     def tokenizer_spec(self) -> str | None:
@@ -61,8 +77,17 @@ class PrunableModule(pl.LightningModule):
 
     @override
     def on_fit_end(self) -> None:
-        if self.hparams.save_dir and self.trainer.is_global_zero:
-            save_pretrained_atomic(self.model, self.hparams.save_dir, self.tokenizer_spec)
+        if self.save_dir and self.trainer.is_global_zero:
+            save_pretrained_atomic(self.model, self.save_dir, self.tokenizer_spec)
+
+
+def check_save_dir_option(save_dir: str | None, model: str) -> None:
+    """``check_save_dir`` of fit's ``model.init_args.save_dir`` (when set) as an ``OptionError``."""
+    if save_dir:
+        try:
+            check_save_dir(save_dir, source=model)
+        except ValueError as err:
+            raise OptionError("model.init_args.save_dir", str(err)) from None
 
 
 def check_window_options(seq_len: int, calibration_samples: int, batch_size: int) -> None:

@@ -1,9 +1,12 @@
 """``OptimaPruning``: prune a model at the start of ``trainer.fit`` with OPTIMA.
 
 Life cycle:
-- ``setup``: check the options and that the model has layers to prune (before any work);
+- ``setup``: check the options, that the model has layers to prune and, for a fit, the output
+  paths (before any work);
 - ``on_fit_start``: draw calibration batches from the fit's own train dataloader, walk
-  the model block by block (``optima.walk``), prune, print and save the report;
+  the model block by block (``optima.walk``), prune, print the report;
+- ``on_fit_end``: write the JSON report, with the fit's other outputs (an interrupted fit
+  leaves the previous report in place);
 - ``on_train_batch_end``: if the fit goes on, it is sparse fine-tuning; pruned weights
   are zeroed again after every optimizer step;
 - ``state_dict`` / ``load_state_dict``: masks travel in Lightning checkpoints, so a
@@ -31,6 +34,7 @@ from optima.atomic import check_writable
 from optima.config import OptionError, PruneConfig
 from optima.model import find_blocks, linear_layers, weight_rows
 from optima.report import PruneReport, print_report, summary, write_json
+from optima.resume import ForeignCheckpoints, finished_blocks
 from optima.share import RowShare
 from optima.walk import RunOptions, prune_model
 
@@ -66,7 +70,7 @@ class OptimaPruning(pl.Callback):
             layers, solver (see ``optima.config.PruneConfig``).
         calibration_samples: Sequences drawn from the start of the fit's train dataloader
             to accumulate the Hessians (split over processes under data parallelism).
-        report_path: Where to write the per-layer report as JSON (none: not written).
+        report_path: Where to write the per-layer report as JSON when the fit ends (none: not written).
         resume_dir: Checkpoint each finished block here; a rerun after an interruption
             continues from the last finished block.
         execution_device: Keep the model where the Trainer put it (e.g. CPU memory) and run
@@ -84,14 +88,6 @@ class OptimaPruning(pl.Callback):
         super().__init__()
         if calibration_samples < 1:
             raise OptionError("pruning.calibration_samples", f"must be >= 1, got {calibration_samples}")
-        outputs = (("pruning.report_path", report_path, False), ("pruning.resume_dir", resume_dir, True))
-        for option, path, folder in outputs:
-            if not path:
-                continue
-            try:   # now, not after the pruning: a bad output path must not cost the run
-                check_writable(path, folder)
-            except ValueError as err:
-                raise OptionError(option, str(err)) from None
         self.config = copy.deepcopy(config)
         self.calibration_samples = calibration_samples
         self.report_path = report_path
@@ -100,15 +96,30 @@ class OptimaPruning(pl.Callback):
         self.forward = forward or default_forward
         self.masks: dict[str, torch.Tensor] = {}
         self.report: PruneReport | None = None
+        self.block: tuple[int, int] | None = None   # (index, count) of the block being pruned
 
     @property
     def pruned(self) -> bool:
         return bool(self.masks)
 
+    @staticmethod
+    def check_outputs(report_path: str | None, resume_dir: str | None) -> None:
+        """Raise ``OptionError`` for a report path or resume folder that cannot be written."""
+        for option, path, folder in (("pruning.report_path", report_path, False),
+                                     ("pruning.resume_dir", resume_dir, True)):
+            if path:
+                try:
+                    check_writable(path, folder)
+                except ValueError as err:
+                    raise OptionError(option, str(err)) from None
+
     # -- life cycle -------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Fail fast: find the blocks and targeted layers, check each fits its pattern, before any data is touched."""
+        """Fail fast: find the blocks and targeted layers, check each fits its pattern, before any data is touched;
+        for a fit, the output paths too (a bad one must not cost the run)."""
+        if stage == "fit":
+            self.check_outputs(self.report_path, self.run_options.resume_dir)
         model = self.target_model(pl_module)
         try:
             layers = linear_layers(model, self.config.selection)
@@ -136,6 +147,11 @@ class OptimaPruning(pl.Callback):
         self.report = self.prune(model, batches, lambda b: self.forward(model, trainer.strategy.batch_to_device(b)))
         self.masks = {name: keep.to(pl_module.device) for name, keep in self.report.masks.items()}
         self.publish(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.report is not None and self.report_path and trainer.is_global_zero:
+            write_json(self.report, self.report_path, extra={"config": dataclasses.asdict(self.config)})
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -194,6 +210,14 @@ class OptimaPruning(pl.Callback):
         start = time.perf_counter()
 
         def on_block(i: int, n: int) -> None:
+            self.block = (i, n)
+            resume_dir = self.run_options.resume_dir
+            done = finished_blocks(resume_dir) if i == 0 and resume_dir else 0
+            if done:   # the walk has checked that they are this run's blocks
+                finished = "block 1 of 1 was" if n == 1 else f"all {n} blocks were" if done >= n else \
+                    f"block 1 of {n} was" if done == 1 else f"blocks 1-{done} of {n} were"
+                progress.console.print(f"resuming from {resume_dir}: {finished} pruned by an earlier run" + (
+                    f", continuing at block {done + 1}" if done < n else ""), soft_wrap=True)
             progress.update(blocks, completed=i, description=f"pruning block {i + 1}/{n}")
             if plain:
                 progress.console.print(f"pruning block {i + 1}/{n} ({time.perf_counter() - start:.0f} s)")
@@ -207,6 +231,8 @@ class OptimaPruning(pl.Callback):
                     layers, advance=1, description=f"{record.name} ({record.shape[0]} rows)")
                 report = prune_model(model, batches, run_batch, self.config, self.run_options)
                 progress.update(blocks, completed=n_blocks)
+        except ForeignCheckpoints as err:
+            raise OptionError("pruning.resume_dir", str(err)) from None
         finally:
             if use_cache is not None:
                 config.use_cache = use_cache
@@ -221,7 +247,7 @@ class OptimaPruning(pl.Callback):
             weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))
 
     def publish(self, trainer: pl.Trainer) -> None:
-        """Print the report, log its totals, save it as JSON when a path is set."""
+        """Print the report and log its totals (``on_fit_end`` writes it)."""
         assert self.report is not None
         if trainer.is_global_zero:
             print_report(self.report, Console(width=200) if not Console().is_terminal else None)
@@ -229,8 +255,6 @@ class OptimaPruning(pl.Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"prune/{k}": v for k, v in totals.items() if isinstance(v, (int, float))},
                                        step=trainer.global_step)
-        if self.report_path and trainer.is_global_zero:
-            write_json(self.report, self.report_path, extra={"config": dataclasses.asdict(self.config)})
 
 
 def _take(batch: Any, n: int) -> Any:

