@@ -4,12 +4,21 @@ top-level ``callbacks`` package that could collide with another project's."""
 from __future__ import annotations
 
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*command: str | Path, cwd: Path | None = None) -> str:
+    """Run ``command``; its stdout, or a failure that shows its stderr."""
+    done = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(map(str, command))} failed:\n{done.stderr[-4000:]}"
+    return done.stdout
 
 
 def test_wheel_installs_the_callbacks_under_the_optima_namespace(tmp_path):
@@ -17,19 +26,23 @@ def test_wheel_installs_the_callbacks_under_the_optima_namespace(tmp_path):
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__",
                                                                  ".pytest_cache", ".hypothesis", "bench", "tests"))
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(source)], check=True, capture_output=True)
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, source)
     (wheel,) = wheels.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "optima/callbacks/pruning.py" in names and "optima/callbacks/cli.py" in names
     assert not [n for n in names if n.startswith("callbacks/")]
-    # a fresh venv that sees this interpreter's packages (torch, lightning) but not the repository
+    # a fresh venv that sees this interpreter's packages (torch, lightning) but not the repository: its
+    # site-packages point at this interpreter's, whether the suite runs in a venv, a conda env or a system
+    # Python (a .pth file's folders are not site folders: the editable install's finder stays out)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                    str(wheel)], check=True, capture_output=True)
-    code = ("import optima.callbacks, optima.callbacks.cli; from optima.callbacks import OptimaPruning; "
+    child_site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
+    parent_sites = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"],
+                                  sysconfig.get_paths()["platlib"]])
+    (child_site / "parent-site-packages.pth").write_text("".join(f"{p}\n" for p in parent_sites))
+    run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel)
+    code = ("import torch, optima.callbacks, optima.callbacks.cli; from optima.callbacks import OptimaPruning; "
             "print(optima.callbacks.__file__)")
-    out = subprocess.run([str(python), "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    out = run(python, "-c", code, cwd=tmp_path)
     assert Path(out.strip()).is_relative_to(venv), out
