@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from optima.loading import load_model, load_tokenizer
 from optima.report import summary
 from optima.walk import prune_model
 from optima.text import encoder_windows, read_text, tokenize
-from optima.zeroshot import evaluate_choices
+from optima.zeroshot import evaluate_suite, suite_difference, suite_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -61,6 +62,9 @@ METHODS = [  # (row label, PruneConfig options)
     ("SparseGPT-mask+OPTIMA+refine", dict(mask="sparsegpt", update="optima", mask_rounds=2)),
     ("OWL-SparseGPT-mask+OPTIMA+refine", dict(mask="sparsegpt", update="optima", layer_budgets="owl", mask_rounds=2)),
 ]
+WITHOUT_OPTIMA = {"magnitude+OPTIMA": "magnitude", "Wanda+OPTIMA": "Wanda", "SparseGPT-mask+OPTIMA": "SparseGPT",
+                  "Thanos-mask+OPTIMA": "Thanos", "Wanda+OPTIMA+refine": "Wanda",
+                  "SparseGPT-mask+OPTIMA+refine": "SparseGPT"}
 PATTERNS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("2:4", None, "2:4")]
 README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 
@@ -86,19 +90,22 @@ class CausalLMBench:
 
     @property
     def has_zero_shot(self) -> bool:
-        return bool(self.data.choice_items)
+        return bool(self.data.zero_shot_tasks)
 
     @torch.no_grad()
-    def score(self, model, zero_shot: bool = True) -> dict[str, float]:
+    def score(self, model, zero_shot: bool = True) -> dict:
+        """Perplexity per text and, with ``zero_shot``, the recipe's suite on every item (``suite``:
+        evaluate_suite's results without the per-item log-likelihoods)."""
         hp, out = self.data.hparams, {}
         for name, windows in self.data.evaluation_ids.items():
             metric = Perplexity()
             for ids in windows.split(hp.batch_size):
                 metric.update(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), ids[:, 1:])
             out[f"{name or 'text'} ppl"] = float(metric.compute())
-        for name, items in (self.data.choice_items if zero_shot else {}).items():
-            scores = evaluate_choices(model, self.tokenizer, items, hp.batch_size, bos=hp.bos, max_length=hp.max_length)
-            out.update({f"{name} {k}": v for k, v in scores.items()})
+        if zero_shot and self.has_zero_shot:
+            results = evaluate_suite(model, self.tokenizer, self.data.zero_shot_tasks,
+                                     batch_size=hp.zero_shot_batch_size, bos=hp.bos, max_length=hp.max_length)
+            out["suite"] = {name: {k: v for k, v in r.items() if k != "loglikelihoods"} for name, r in results.items()}
         return out
 
 
@@ -214,16 +221,81 @@ def markdown(saved: dict) -> str:
     """One table per model: a column per metric, plus layer error and pruning time."""
     order = {(label, method): i for i, (label, method) in
              enumerate([("-", "dense")] + [(p[0], m[0]) for p in PATTERNS for m in METHODS])}
-    rows = sorted(saved["rows"], key=lambda r: order.get((r["pattern"], r["method"]), 1 << 30))
-    metrics = list(rows[0]["metrics"])
+    rows = sorted((r for r in saved["rows"] if r.get("seed", 0) == 0),
+                  key=lambda r: order.get((r["pattern"], r["method"]), 1 << 30))
+    metrics = scalar_metrics(rows)
     lines = [f"**{saved['model']}** (`{saved['recipe']}` protocol: {saved['protocol']}; mean layer relative "
              "error = mean over layers of ||(W'-W)X||^2 / ||WX||^2 on the calibration inputs; time = whole "
              f"pruning run; torch {saved['torch']}, {saved['threads']} CPU thread{'s' if saved['threads'] > 1 else ''})", "",
              "| pattern | method | " + " | ".join(metrics) + " | mean layer rel. error | pruning time s |",
              "|---|---|" + "---:|" * (len(metrics) + 2)]
     for r in rows:
-        cells = " | ".join(f"{r['metrics'][m]:.4f}" for m in metrics)
+        cells = " | ".join(_cell(r["metrics"].get(m)) for m in metrics)
         lines.append(f"| {r['pattern']} | {r['method']} | {cells} | {r['error']:.4g} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def scalar_metrics(rows: list[dict]) -> list[str]:
+    """The numeric metric names of the rows, in order of first appearance (the suite has its own table)."""
+    return list(dict.fromkeys(k for r in rows for k, v in r["metrics"].items() if isinstance(v, float)))
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _points(value: float, stderr: float) -> str:
+    return f"{100 * value:.2f} ± {100 * stderr:.2f}"
+
+
+def suite_markdown(saved: dict) -> str | None:
+    """The zero-shot suite of every seed-0 row: each task's suite metric, the mean, and paired differences
+    (on the same items) to the same mask without OPTIMA and to the dense model, in points."""
+    rows = {(r["pattern"], r["method"]): r for r in saved["rows"] if r.get("seed", 0) == 0 and "suite" in r["metrics"]}
+    dense = rows.get(("-", "dense"))
+    if dense is None:
+        return None
+    tasks = list(dense["metrics"]["suite"])
+    header = [f"{t} {dense['metrics']['suite'][t]['metric']}" for t in tasks]
+    lines = [f"**{saved['model']}, zero-shot suite** (every item of each task; accuracy in points ± standard error; "
+             "differences paired over the same items, ± paired standard error; mean = plain mean of the task columns, "
+             "MMLU has no offline copy)", "",
+             "| pattern | method | " + " | ".join(header) + " | mean | vs same mask without OPTIMA | vs dense |",
+             "|---|---|" + "---:|" * (len(tasks) + 3)]
+    order = [("-", "dense")] + [(p[0], m[0]) for p in PATTERNS for m in METHODS]
+    for key in sorted(rows, key=lambda k: order.index(k) if k in order else len(order)):
+        suite = rows[key]["metrics"]["suite"]
+        cells = [_points(suite[t][suite[t]["metric"]], suite[t][f"{suite[t]['metric']}_stderr"]) for t in tasks]
+        baseline = rows.get((key[0], WITHOUT_OPTIMA.get(key[1], "")))
+        versus = _points(*suite_difference(baseline["metrics"]["suite"], suite)["mean"]) if baseline else "-"
+        to_dense = _points(*suite_difference(dense["metrics"]["suite"], suite)["mean"]) if key != ("-", "dense") else "-"
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {_points(*suite_mean(suite))} | "
+                     f"{versus} | {to_dense} |")
+    return "\n".join(lines) + "\n"
+
+
+def seeds_markdown(saved: dict) -> str | None:
+    """Rows measured with several calibration seeds: mean and standard deviation over the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in saved["rows"]:
+        groups.setdefault((r["pattern"], r["method"]), []).append(r)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return None
+    metrics = scalar_metrics([r for rs in groups.values() for r in rs])
+    lines = [f"**{saved['model']}, calibration seeds** (mean ± standard deviation over the seeds)", "",
+             "| pattern | method | seeds | " + " | ".join(metrics) + " | zero-shot mean |", "|---|---|---|" +
+             "---:|" * (len(metrics) + 1)]
+    for (pattern, method), rs in groups.items():
+        def spread(values: list[float], scale: float = 1.0) -> str:
+            if len(values) < 2:
+                return "-"
+            mean = statistics.mean(values)
+            return f"{scale * mean:.4g} ± {scale * statistics.stdev(values):.2g}"
+        cells = [spread([r["metrics"][m] for r in rs if m in r["metrics"]]) for m in metrics]
+        means = [suite_mean(r["metrics"]["suite"])[0] for r in rs if "suite" in r["metrics"]]
+        lines.append(f"| {pattern} | {method} | {', '.join(str(r.get('seed', 0)) for r in rs)} | "
+                     + " | ".join(cells) + f" | {spread(means, 100)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -243,6 +315,8 @@ def readme_section(models: list[str]) -> str:
     speeds = [line for line in map(speed, saved) if line]
     text = "Measured by `python bench/quality.py`; rows saved in `bench/results/`.\n\n"
     text += "\n".join(markdown(s) for s in saved)
+    for extra in (suite_markdown, seeds_markdown):
+        text += "".join("\n" + table for table in map(extra, saved) if table)
     if speeds:
         text += ("\nEnd-to-end pruning time at 50% unstructured (wall clock of the rows above):\n\n"
                  "| model | Wanda+OPTIMA s | Wanda s | SparseGPT s | OPTIMA / SparseGPT | where Wanda+OPTIMA spent it |\n"
@@ -255,12 +329,12 @@ def print_tables(models: list[str], console: Console) -> None:
         saved = load_results(model)
         if not saved["rows"]:
             continue
-        metrics = list(saved["rows"][0]["metrics"])
+        metrics = scalar_metrics(saved["rows"])
         table = Table(title=f"{model}: {saved['protocol']}")
         for col in ("pattern", "method", *metrics, "layer rel. error", "time s"):
             table.add_column(col)
         for r in saved["rows"]:
-            table.add_row(r["pattern"], r["method"], *(f"{r['metrics'][m]:.4f}" for m in metrics),
+            table.add_row(r["pattern"], r["method"], *(_cell(r["metrics"].get(m)) for m in metrics),
                           f"{r['error']:.4g}", f"{r['seconds']:.1f}")
         console.print(table)
 

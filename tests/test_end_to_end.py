@@ -103,11 +103,15 @@ def test_main_command_prunes_smollm2_and_the_model_reloads(tmp_path):
     run = subprocess.run([sys.executable, "-m", "optima.callbacks.cli", *args], cwd=Path(__file__).parent.parent, env=env,
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
-    for row in ("val/wikitext2_perplexity", "val/ptb_perplexity", "val/hellaswag_acc", "val/hellaswag_acc_norm"):
+    for row in ("val/wikitext2_perplexity", "val/ptb_perplexity", "Zero-shot suite", "arc_challenge", "openbookqa"):
         assert row in run.stdout
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True)
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["layers"]) == 210
+    suite = report["evaluation"]["zero_shot"]
+    assert {name: r["n"] for name, r in suite["pruned"]["tasks"].items()} == dict.fromkeys(
+        ["arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa"], 8)
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
     for record in report["layers"]:
         weight = pruned.get_submodule(record["layer"]).weight
         assert ((weight == 0).sum(1) == weight.shape[1] // 2).all(), record["layer"]  # Wanda: half of every row
