@@ -20,6 +20,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import json
 import logging
 import os
 import re
@@ -44,7 +45,9 @@ from optima.callbacks.command import Interrupted, interruptible
 from optima.callbacks.module import check_save_dir_option
 from optima.callbacks.pruning import OptimaPruning
 from optima.config import OptionError
+from optima.figure import block_errors, write_figure
 from optima.loading import load_tokenizer
+from optima.zeroshot import suite_difference, suite_mean
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # the repository's recipes (editable installs)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -95,7 +98,10 @@ class EvaluationBar(TQDMProgressBar):
         super().on_validation_start(trainer, pl_module)
         self.started = time.perf_counter()
 
-    on_test_start = on_validation_start
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_test_start(trainer, pl_module)
+        self.started = time.perf_counter()
 
     @override
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -152,6 +158,7 @@ class OptimaCLI(LightningCLI):
     def __init__(self, *args: Any, progress: Progress, **kwargs: Any) -> None:
         self.progress = progress
         progress.cli = self
+        self.suites: dict[str, dict | None] = {}   # zero-shot results of each evaluated model ("dense", "pruned")
         super().__init__(*args, **kwargs)
 
     @override
@@ -228,8 +235,9 @@ class OptimaCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.dense_metrics is not None:
-            self._print_metrics("Evaluation: dense vs pruned",
-                                {"dense": self.dense_metrics, "pruned": self._validate("pruned")})
+            columns = {"dense": self.dense_metrics, "pruned": self._validate("pruned")}
+            self._print_metrics("Evaluation: dense vs pruned", columns)
+            self._report_evaluation(columns)
         if self.trainer.is_global_zero:
             for label, path in (("pruned model", getattr(self.model.hparams, "save_dir", None)),
                                 ("report", self.config[self.subcommand]["pruning"].get("report_path"))):
@@ -247,32 +255,63 @@ class OptimaCLI(LightningCLI):
         self.config_init[self.subcommand]["verbose"] = False
 
     def after_validate(self) -> None:
+        self.suites = {"value": getattr(self.model, "zero_shot", None)}
         self._print_metrics("Evaluation", {"value": self._logged_metrics()})
 
     def after_test(self) -> None:
+        self.suites = {"value": getattr(self.model, "zero_shot", None)}
         self._print_metrics("Test", {"value": self._logged_metrics()})
 
     def _logged_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.trainer.callback_metrics.items()}
 
     def _print_metrics(self, title: str, columns: dict[str, dict[str, float]]) -> None:
-        """One table, a row per metric and a column per evaluated model, then the data's protocol."""
+        """One table, a row per metric and a column per evaluated model, then the zero-shot suite's
+        table (per task and the mean, with standard errors and paired differences) and the protocol."""
+        suites = {name: suite for name, suite in self.suites.items() if suite}
         table = Table(title=title)
         table.add_column("metric")
         for name in columns:
             table.add_column(name, justify="right")
         for key in sorted(set().union(*columns.values())):
-            table.add_row(key, *(_fmt(metrics.get(key)) for metrics in columns.values()))
+            if not _is_zero_shot(key, suites):
+                table.add_row(key, *(_fmt(metrics.get(key)) for metrics in columns.values()))
         self.console.print(table)
+        if suites:
+            self.console.print(suite_table(suites))
         if hasattr(self.datamodule, "protocol"):
             self.console.print(f"protocol: {self.datamodule.protocol()}", soft_wrap=True)
+
+    def _report_evaluation(self, columns: dict[str, dict[str, float]]) -> None:
+        """Add the evaluation (every metric of the tables, the suite per item) to the JSON report, and
+        write the figure beside it."""
+        path = self.config[self.subcommand]["pruning"].get("report_path")
+        if not path or not self.trainer.is_global_zero or not Path(path).is_file():
+            return
+        report = json.loads(Path(path).read_text())
+        suites = {name: suite for name, suite in self.suites.items() if suite}
+        report["evaluation"] = {"protocol": self.datamodule.protocol() if hasattr(self.datamodule, "protocol") else None,
+                                **{name: metrics for name, metrics in columns.items()}}
+        if suites:
+            report["evaluation"]["zero_shot"] = suite_report(suites)
+        write_atomic(path, json.dumps(report, indent=2))
+        if suites:
+            figure = Path(path).with_suffix(".png")
+            try:
+                write_figure(figure, suites, block_errors(report.get("layers", [])))
+                self.console.print(f"figure written to {figure}", soft_wrap=True)
+            except ImportError as err:
+                self.console.print(f"figure not written: {err}", soft_wrap=True)
 
     def _validate(self, label: str) -> dict[str, float]:
         self.console.rule(f"{label} evaluation")
         for bar in self.trainer.callbacks:
             if isinstance(bar, EvaluationBar):
                 bar.label = f"{label} evaluation"
+        if hasattr(self.model, "zero_shot_progress"):
+            self.model.zero_shot_progress = SuiteProgress(self.console, label)
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        self.suites[label] = getattr(self.model, "zero_shot", None)
         metrics = {k: float(v) for per_loader in results for k, v in per_loader.items()}
         if self._lm_eval_tasks():
             metrics.update(self._lm_eval())
@@ -295,6 +334,64 @@ class OptimaCLI(LightningCLI):
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
+
+
+def _is_zero_shot(key: str, suites: dict[str, dict]) -> bool:
+    """Whether a logged metric belongs to the zero-shot suite's own table."""
+    name = key.split("/", 1)[-1]
+    tasks = set().union(*suites.values()) if suites else set()
+    return name.startswith("zero_shot_mean") or any(name.startswith(f"{task}_") for task in tasks)
+
+
+def _points(value: float, stderr: float) -> str:
+    return f"{100 * value:.2f} ± {100 * stderr:.2f}"
+
+
+def suite_table(suites: dict[str, dict[str, dict]]) -> Table:
+    """Per task its suite metric for each model, in points ± standard error; with two models, the second
+    minus the first, paired over the same items; the last row is the suite mean."""
+    names = list(suites)
+    first = suites[names[0]]
+    table = Table(title="Zero-shot suite (points ± standard error)")
+    for column in ("task", "metric", "items", *names):
+        table.add_column(column, justify="right")
+    paired = len(names) == 2
+    if paired:
+        table.add_column(f"{names[1]} - {names[0]} (paired)", justify="right")
+        difference = suite_difference(first, suites[names[1]])
+    for task, result in first.items():
+        metric = result["metric"]
+        cells = [_points(s[task][metric], s[task][f"{metric}_stderr"]) for s in suites.values()]
+        table.add_row(task, metric, str(result["n"]), *cells, *([_points(*difference[task])] if paired else []))
+    table.add_row("mean", "", "", *(_points(*suite_mean(s)) for s in suites.values()),
+                  *([_points(*difference["mean"])] if paired else []))
+    return table
+
+
+def suite_report(suites: dict[str, dict[str, dict]]) -> dict:
+    """The suite for the JSON report: per model each task's results (per-item hits included, the
+    log-likelihoods left out) and the mean; with two models, the paired differences."""
+    report: dict = {name: {"tasks": {task: {k: v for k, v in r.items() if k != "loglikelihoods"}
+                                     for task, r in suite.items()},
+                           "mean": dict(zip(("value", "stderr"), suite_mean(suite)))}
+                    for name, suite in suites.items()}
+    if len(suites) == 2:
+        before, after = suites.values()
+        report["difference"] = {key: dict(zip(("value", "stderr"), d))
+                                for key, d in suite_difference(before, after).items()}
+    return report
+
+
+class SuiteProgress:
+    """Zero-shot progress for ``evaluate_suite``: a line per task (log files and terminals alike)."""
+
+    def __init__(self, console: Console, label: str) -> None:
+        self.console, self.label, self.start = console, label, time.perf_counter()
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if done == total:
+            self.console.print(f"{self.label} zero-shot: {task} done ({total} requests, "
+                               f"{time.perf_counter() - self.start:.0f} s)", soft_wrap=True)
 
 
 def _option_name(option: str) -> str:

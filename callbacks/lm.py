@@ -11,6 +11,7 @@ the validation/test set.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -23,8 +24,8 @@ from optima.evaluate import block_output_errors, overall_sparsity
 from optima.config import OptionError
 from optima.loading import load_problem, load_tokenizer, resolve_path
 from optima.text import bos_token_id, check_source, consecutive_windows, prefix_token, random_windows, read_tokens
-from optima.zeroshot import (ChoiceAccuracy, ChoiceItem, batch_loglikelihoods, build_requests, collate_requests,
-                             logits_to_keep, read_jsonl)
+from optima.tasks import TASKS
+from optima.zeroshot import evaluate_suite, suite_mean
 
 
 class CausalLM(PrunableModule):
@@ -45,7 +46,8 @@ class CausalLM(PrunableModule):
         self.save_hyperparameters()
         self.dense: torch.nn.Module | None = None
         self.perplexity = torch.nn.ModuleDict()  # one torchmetrics Perplexity per evaluation text
-        self.zero_shot = torch.nn.ModuleDict()   # one ChoiceAccuracy per zero-shot set
+        self.zero_shot: dict[str, dict] | None = None   # the last evaluation's evaluate_suite results
+        self.zero_shot_progress: Callable[[str, int, int], None] | None = None   # set by the CLI to show progress
         self.block_errors: list[float] | None = None
 
     @override
@@ -66,9 +68,6 @@ class CausalLM(PrunableModule):
         return loss
 
     def _evaluate(self, batch: dict) -> None:
-        if "task" in batch:
-            self._score_choices(batch)
-            return
         ids = batch["input_ids"]
         key = batch.get("text", [""])[0] or "_"  # "_": the one unnamed text (ModuleDict keys cannot be empty)
         if key not in self.perplexity:
@@ -76,21 +75,11 @@ class CausalLM(PrunableModule):
         logits = self(ids).logits.float()
         self.perplexity[key].update(logits[:, :-1], ids[:, 1:])
 
-    def _score_choices(self, batch: dict) -> None:
-        """Zero-shot: the summed log-likelihood of each (context, ending) request of the batch."""
-        name = batch["task"]
-        if name not in self.zero_shot:
-            self.zero_shot[name] = ChoiceAccuracy(self.trainer.datamodule.choice_items[name]).to(self.device)
-        # the LM head only on the positions that score an ending
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                            logits_to_keep=logits_to_keep(batch["labels"])).logits
-        self.zero_shot[name].update(batch["item"], batch["choice"], batch_loglikelihoods(logits, batch["labels"]))
-
     def _fresh_metrics(self) -> None:
         # a reset inside inference mode would leave inference tensors that a later
         # (no_grad) validation inside fit could not update; reset outside it
         with torch.inference_mode(False):
-            for metric in [*self.perplexity.values(), *self.zero_shot.values()]:
+            for metric in self.perplexity.values():
                 metric.reset()
 
     @override
@@ -118,14 +107,13 @@ class CausalLM(PrunableModule):
         self._log_epoch("test")
 
     def _log_epoch(self, prefix: str) -> None:
-        """Log every metric of the epoch: perplexity per text, sparsity, per-block errors."""
+        """Log every metric of the epoch: perplexity per text, the zero-shot suite, sparsity, per-block errors."""
         for key, metric in self.perplexity.items():
             if metric.update_called:
                 self.log(f"{prefix}/perplexity" if key == "_" else f"{prefix}/{key}_perplexity", metric.compute())
-        for name, metric in self.zero_shot.items():
-            if metric.update_called:
-                for key, value in metric.compute().items():
-                    self.log(f"{prefix}/{name}_{key}", value.float())
+        data = self.trainer.datamodule
+        if getattr(data, "zero_shot_tasks", None):
+            self._log_zero_shot(prefix, data)
         self.log(f"{prefix}/sparsity", overall_sparsity(self.model))
         if self.dense is not None and self.trainer.datamodule is not None:
             loader = self.trainer.datamodule.val_dataloader()[0]
@@ -135,6 +123,22 @@ class CausalLM(PrunableModule):
                 lambda m, b: m(input_ids=b["input_ids"].to(self.device), use_cache=False))
             for i, err in enumerate(self.block_errors):
                 self.log(f"{prefix}/block{i}_rel_error", err)
+
+
+    def _log_zero_shot(self, prefix: str, data: TextData) -> None:
+        """The zero-shot suite on the model as it is now (every process scores all of it), logged per task
+        as ``NAME_METRIC`` and ``NAME_METRIC_stderr``, and its mean as ``zero_shot_mean``."""
+        hp = data.hparams
+        self.zero_shot = evaluate_suite(self.model, data.tokenizer, data.zero_shot_tasks, limit=hp.zero_shot_items,
+                                        batch_size=hp.zero_shot_batch_size, bos=hp.bos, max_length=hp.max_length,
+                                        progress=self.zero_shot_progress)
+        for name, result in self.zero_shot.items():
+            for metric in TASKS[name].metrics:
+                self.log(f"{prefix}/{name}_{metric}", result[metric])
+                self.log(f"{prefix}/{name}_{metric}_stderr", result[f"{metric}_stderr"])
+        mean, stderr = suite_mean(self.zero_shot)
+        self.log(f"{prefix}/zero_shot_mean", mean)
+        self.log(f"{prefix}/zero_shot_mean_stderr", stderr)
 
 
 class TextData(pl.LightningDataModule):
@@ -152,9 +156,12 @@ class TextData(pl.LightningDataModule):
         seed: seed of the calibration windows.
         bos: start every window with the tokenizer's BOS token; None (default) does so when the
             tokenizer adds a BOS to a plain encode, as the model saw text in training.
-        zero_shot: ``{name: JSONL file}`` of multiple-choice items (``ctx``, ``choices``, ``label``)
-            scored zero-shot as lm-eval-harness does (logged as ``val/NAME_acc`` and ``_acc_norm``).
-        zero_shot_items: cap on items per zero-shot set (None: all).
+        zero_shot: ``{lm-eval task: JSONL file in its hub row schema}`` (tasks of ``optima.tasks``,
+            e.g. the paper's suite ``optima.tasks.PAPER_SUITE``), scored zero-shot as lm-eval-harness
+            does after each validation (logged as ``val/TASK_acc``, ``_acc_norm``, their ``_stderr``
+            and ``val/zero_shot_mean``).
+        zero_shot_items: the first N items of each task, as lm-eval's ``--limit`` (None: all).
+        zero_shot_batch_size: sequences per zero-shot forward pass.
         max_length: context length for zero-shot sequences (longer ones are cut from the left).
     """
 
@@ -162,7 +169,7 @@ class TextData(pl.LightningDataModule):
                  seq_len: int = 128, calibration_samples: int = 128, batch_size: int = 8,
                  eval_windows: int | None = None, seed: int = 0, bos: bool | None = None,
                  zero_shot: dict[str, str] | None = None, zero_shot_items: int | None = None,
-                 max_length: int = 2048) -> None:
+                 zero_shot_batch_size: int = 32, max_length: int = 2048) -> None:
         super().__init__()
         check_window_options(seq_len, calibration_samples, batch_size)
         texts = [("data.init_args.calibration", calibration),
@@ -172,11 +179,17 @@ class TextData(pl.LightningDataModule):
                 check_source(source)
             except FileNotFoundError as err:
                 raise OptionError(option, str(err)) from None
-        for source in (zero_shot or {}).values():
+        for name, source in (zero_shot or {}).items():
+            if name not in TASKS:
+                raise OptionError("data.init_args.zero_shot", f"unknown task {name!r}; known: {', '.join(TASKS)}")
             check_source(source)
+        if zero_shot_items is not None and zero_shot_items < 1:
+            raise OptionError("data.init_args.zero_shot_items", f"must be >= 1, got {zero_shot_items}")
+        if zero_shot_batch_size < 1:
+            raise OptionError("data.init_args.zero_shot_batch_size", f"must be >= 1, got {zero_shot_batch_size}")
         self.save_hyperparameters()
-        self.choice_items: dict[str, list[ChoiceItem]] = {}
-        self.choice_requests: dict[str, list] = {}
+        self.zero_shot_tasks: dict[str, str] = dict(zero_shot or {})
+        self.tokenizer = None   # loaded in setup; the zero-shot suite tokenizes with it
         self.bos: int | None = None
         self.vocab_size: int | None = None   # the tokenizer's, checked against the model's embedding
         self.calibration_ids: torch.Tensor | None = None
@@ -198,7 +211,7 @@ class TextData(pl.LightningDataModule):
             tokenizer = load_tokenizer(hp.tokenizer)
         except (OSError, ValueError, ImportError) as err:   # a missing path or package, no tokenizer there
             raise OptionError("data.init_args.tokenizer", load_problem(hp.tokenizer, err)) from None
-        self.vocab_size = len(tokenizer)
+        self.vocab_size, self.tokenizer = len(tokenizer), tokenizer
         self.bos = bos_token_id(tokenizer) if hp.bos is None else (tokenizer.bos_token_id if hp.bos else None)
         if hp.bos and self.bos is None:
             raise OptionError("data.init_args.bos", f"bos=True, but the tokenizer {hp.tokenizer} has no BOS token")
@@ -208,18 +221,18 @@ class TextData(pl.LightningDataModule):
         for name, source in self.evaluation_sources(hp.evaluation).items():
             ids = read_tokens("data.init_args.evaluation", source, tokenizer, hp.seq_len, self.bos)
             self.evaluation_ids[name] = prefix_token(consecutive_windows(ids, text_len, hp.eval_windows), self.bos)
-        for name, source in (hp.zero_shot or {}).items():
-            self.choice_items[name] = read_jsonl(resolve_path(source))[: hp.zero_shot_items]
-            # bos=None lets the tokenizer add its own special tokens, as the auto-detected windows do
-            self.choice_requests[name] = build_requests(self.choice_items[name], tokenizer, hp.max_length, hp.bos)
 
     def protocol(self) -> str:
         """How the numbers were measured, printed beside them."""
         hp = self.hparams
         texts = ", ".join(f"{name or 'perplexity'}={source} ({len(self.evaluation_ids.get(name, ()))} windows)"
                           for name, source in self.evaluation_sources(hp.evaluation).items())
-        choices = "".join(f", {name}={source} ({len(self.choice_items.get(name, ()))} items, zero-shot acc/acc_norm)"
-                          for name, source in (hp.zero_shot or {}).items())
+        limit = "all" if hp.zero_shot_items is None else f"first {hp.zero_shot_items}"
+        choices = "".join(f", {name}={source} ({limit} items, zero-shot {'/'.join(TASKS[name].metrics)})"
+                          for name, source in self.zero_shot_tasks.items())
+        if self.zero_shot_tasks:
+            choices += (", zero-shot mean of " + ", ".join(f"{n} {TASKS[n].metric}" for n in self.zero_shot_tasks)
+                        + " (MMLU has no offline copy)")
         return (f"calibration={hp.calibration} ({hp.calibration_samples} random windows, seed={hp.seed}), "
                 f"{texts}{choices}, seq_len={hp.seq_len}, bos={'none' if self.bos is None else self.bos}")
 
@@ -232,14 +245,10 @@ class TextData(pl.LightningDataModule):
 
     @override
     def val_dataloader(self) -> list[DataLoader]:
-        texts = [self._loader(windows, name) for name, windows in self.evaluation_ids.items()]
-        choices = [DataLoader(requests, batch_size=self.hparams.batch_size,
-                              collate_fn=lambda batch, name=name: {**collate_requests(batch), "task": name})
-                   for name, requests in self.choice_requests.items()]
-        return texts + choices
+        return [self._loader(windows, name) for name, windows in self.evaluation_ids.items()]
 
     @override
     def test_dataloader(self) -> list[DataLoader]:
-        if not self.evaluation_ids and not self.choice_requests:
-            raise ValueError("no evaluation configured (data.evaluation or data.zero_shot)")
+        if not self.evaluation_ids:
+            raise ValueError("no evaluation text configured (data.evaluation); the zero-shot suite runs after it")
         return self.val_dataloader()
