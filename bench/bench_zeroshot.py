@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["SmolLM2-135M", "stories260K"], default="SmolLM2-135M")
     parser.add_argument("--tasks", nargs="*", default=list(PAPER_SUITE), choices=list(PAPER_SUITE))
     parser.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="our sequences per forward pass")
+    parser.add_argument("--batch-size", type=int, default=128, help="our sequences per forward pass (at most 1024 tokens)")
     parser.add_argument("--hflm-batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None, help="save the figures here")
     args = parser.parse_args()

@@ -169,7 +169,7 @@ class TextData(pl.LightningDataModule):
                  seq_len: int = 128, calibration_samples: int = 128, batch_size: int = 8,
                  eval_windows: int | None = None, seed: int = 0, bos: bool | None = None,
                  zero_shot: dict[str, str] | None = None, zero_shot_items: int | None = None,
-                 zero_shot_batch_size: int = 32, max_length: int = 2048) -> None:
+                 zero_shot_batch_size: int = 128, max_length: int = 2048) -> None:
         super().__init__()
         check_window_options(seq_len, calibration_samples, batch_size)
         texts = [("data.init_args.calibration", calibration),

@@ -17,9 +17,9 @@ across processes). :func:`evaluate_choices` runs them all on a plain model.
 
 from __future__ import annotations
 
+import copy
 import inspect
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,47 +255,78 @@ def shared_prefix(requests: Sequence[Request]) -> int:
     return length
 
 
-def _item_batches(requests: Sequence[Request], batch_size: int) -> list[list[list[Request]]]:
-    """Requests grouped by item, items longest first, batches of whole items of at most ``batch_size``
-    requests (an item with more choices than that is a batch of its own)."""
+def _budget_chunks(lengths: Sequence[int], rows: int, tokens: int) -> list[tuple[int, int]]:
+    """``[start, end)`` runs of ``lengths`` (sorted longest first) of at most ``rows`` rows, each padded to
+    its first length, within ``tokens`` padded tokens (a row longer than that is a run of its own)."""
+    runs, start = [], 0
+    while start < len(lengths):
+        end = start + 1
+        while end < len(lengths) and end - start < rows and (end + 1 - start) * lengths[start] <= tokens:
+            end += 1
+        runs.append((start, end))
+        start = end
+    return runs
+
+
+def _item_batches(requests: Sequence[Request], rows: int, tokens: int) -> list[list[list[Request]]]:
+    """Requests grouped by item; items ordered by their shared prefix, longest first, in batches whose
+    prefixes take at most ``rows`` rows and ``tokens`` padded tokens."""
     by_item: dict[int, list[Request]] = {}
     for r in requests:
         by_item.setdefault(r.item, []).append(r)
-    items = sorted(by_item.values(), key=lambda rs: -max(len(r.tokens) for r in rs))
-    batches: list[list[list[Request]]] = []
-    for item in items:
-        if batches and sum(map(len, batches[-1])) + len(item) <= batch_size:
-            batches[-1].append(item)
-        else:
-            batches.append([item])
-    return batches
+    items = sorted(by_item.values(), key=lambda rs: -shared_prefix(rs))
+    return [items[a:b] for a, b in _budget_chunks([max(1, shared_prefix(rs)) for rs in items], rows, tokens)]
 
 
-def _forward_shared(model: nn.Module, cache_name: str, items: list[list[Request]],
-                    device: torch.device) -> tuple[torch.Tensor, dict]:
-    """One batch of items: each item's shared prefix runs once, its choices' suffixes run on the cached
-    keys and values. Returns the suffixes' log-likelihoods and their collated batch."""
+def _forward_shared(model: nn.Module, cache_name: str, items: list[list[Request]], rows: int, tokens: int,
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, dict]]:
+    """One batch of items: each item's shared prefix runs once; then its choices' suffixes, longest
+    first in forwards of at most ``rows`` sequences and ``tokens`` padded tokens (so they pad little),
+    run on the cached keys and values. Yields each forward's log-likelihoods and collated batch."""
     prefixes = [shared_prefix(rs) for rs in items]
     width = max(prefixes)
     prefix_ids = torch.zeros((len(items), width), dtype=torch.long)
-    prefix_mask = torch.zeros((len(items), width), dtype=torch.long)
+    prefix_mask = torch.zeros((len(items), width), dtype=torch.long, device=device)
     for row, (rs, n) in enumerate(zip(items, prefixes)):
         prefix_ids[row, :n] = torch.tensor(rs[0].tokens[:n], dtype=torch.long)
         prefix_mask[row, :n] = 1
-    suffixes = [Request(r.item, r.choice, r.tokens[n:], r.continuation) for rs, n in zip(items, prefixes) for r in rs]
-    owner = torch.tensor([row for row, rs in enumerate(items) for _ in rs])
-    batch = {k: v.to(device) for k, v in collate_requests(suffixes).items()}
-    out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_cache=True,
-                logits_to_keep=1)
-    cache = getattr(out, cache_name)
-    cache.batch_select_indices(owner.to(device))
-    length = batch["input_ids"].shape[1]
-    starts = torch.tensor(prefixes, device=device)[owner.to(device)]
-    logits = model(input_ids=batch["input_ids"], **{cache_name: cache}, use_cache=True,
-                   attention_mask=torch.cat([prefix_mask.to(device)[owner.to(device)], batch["attention_mask"]], 1),
-                   position_ids=starts[:, None] + torch.arange(length, device=device),
-                   logits_to_keep=logits_to_keep(batch["labels"])).logits
-    return batch_loglikelihoods(logits, batch["labels"]), batch
+    cache = getattr(model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask, use_cache=True,
+                          logits_to_keep=1), cache_name)
+    suffixes = sorted(((row, Request(r.item, r.choice, r.tokens[n:], r.continuation))
+                       for row, (rs, n) in enumerate(zip(items, prefixes)) for r in rs), key=lambda s: -len(s[1].tokens))
+    starts = torch.tensor(prefixes, device=device)
+    for first, end in _budget_chunks([len(r.tokens) - 1 for _, r in suffixes], rows, tokens):
+        chunk = suffixes[first:end]
+        owner = torch.tensor([row for row, _ in chunk], device=device)
+        batch = {k: v.to(device) for k, v in collate_requests([r for _, r in chunk]).items()}
+        past = copy.deepcopy(cache) if end < len(suffixes) else cache
+        past.batch_select_indices(owner)
+        length = batch["input_ids"].shape[1]
+        logits = model(input_ids=batch["input_ids"], **{cache_name: past}, use_cache=True,
+                       attention_mask=torch.cat([prefix_mask[owner], batch["attention_mask"]], 1),
+                       position_ids=starts[owner, None] + torch.arange(length, device=device),
+                       logits_to_keep=logits_to_keep(batch["labels"])).logits
+        yield batch_loglikelihoods(logits, batch["labels"]), batch
+
+
+PREFIX_BUDGET = 4   # shared prefixes run once per item: their forwards take this many times the tokens
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How requests are batched and encoded: at most ``batch_size`` sequences and ``batch_tokens``
+    padded tokens per forward; ``bos`` and ``max_length`` as :func:`encode` and :func:`build_requests`."""
+
+    batch_size: int = 128
+    batch_tokens: int = 1024
+    bos: bool | int | None = None
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
 
 
 def _cache_argument(model: nn.Module) -> str | None:
@@ -308,17 +339,16 @@ def _cache_argument(model: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def _score(model: nn.Module, tokenizer, items: Sequence[ChoiceItem], batch_size: int,
-           bos: bool | int | None, max_length: int | None,
+def _score(model: nn.Module, tokenizer, items: Sequence[ChoiceItem], scoring: Scoring,
            progress: Callable[[int, int], None] | None = None) -> ChoiceAccuracy:
     """Score every request (model in eval mode for the duration) and fill a metric.
 
     A transformers causal LM runs each item's shared prefix once (:func:`shared_prefix`) and its
     choices on the cached keys and values; other models run every request whole.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    requests = build_requests(items, tokenizer, max_length or resolve_max_length(model, tokenizer), bos)
+    batch_size, batch_tokens = scoring.batch_size, scoring.batch_tokens
+    requests = build_requests(items, tokenizer, scoring.max_length or resolve_max_length(model, tokenizer),
+                              scoring.bos)
     device = next(model.parameters()).device
     metric = ChoiceAccuracy(items).to(device)
     cache_name = _cache_argument(model)
@@ -328,12 +358,12 @@ def _score(model: nn.Module, tokenizer, items: Sequence[ChoiceItem], batch_size:
     try:
         done = 0
         if cache_name is not None:
-            for batch_items in _item_batches(requests, batch_size):
-                loglik, batch = _forward_shared(model, cache_name, batch_items, device)
-                metric.update(batch["item"], batch["choice"], loglik)
-                done += len(loglik)
-                if progress is not None:
-                    progress(done, len(requests))
+            for batch_items in _item_batches(requests, batch_size, PREFIX_BUDGET * batch_tokens):
+                for loglik, batch in _forward_shared(model, cache_name, batch_items, batch_size, batch_tokens, device):
+                    metric.update(batch["item"], batch["choice"], loglik)
+                    done += len(loglik)
+                    if progress is not None:
+                        progress(done, len(requests))
             return metric
         for start in range(0, len(requests), batch_size):
             batch = {k: v.to(device) for k, v in collate_requests(requests[start:start + batch_size]).items()}
@@ -352,7 +382,7 @@ def score_choices(model: nn.Module, tokenizer, items: Sequence[ChoiceItem] | str
                   bos: bool | int | None = None, max_length: int | None = None) -> list[list[float]]:
     """Per item, the summed log-likelihood of each ending given the context (see :func:`evaluate_choices`)."""
     items = _as_items(items)
-    return _score(model, tokenizer, items, batch_size, bos, max_length).item_loglikelihoods()
+    return _score(model, tokenizer, items, Scoring(batch_size, bos=bos, max_length=max_length)).item_loglikelihoods()
 
 
 def evaluate_choices(model: nn.Module, tokenizer, items: Sequence[ChoiceItem] | str | Path, batch_size: int = 16,
@@ -364,28 +394,31 @@ def evaluate_choices(model: nn.Module, tokenizer, items: Sequence[ChoiceItem] | 
     ``max_length``: context length for left truncation (None: :func:`resolve_max_length`).
     """
     items = _as_items(items)
-    metric = _score(model, tokenizer, items, batch_size, bos, max_length)
+    metric = _score(model, tokenizer, items, Scoring(batch_size, bos=bos, max_length=max_length))
     return {name: float(value) for name, value in metric.compute().items()}
 
 
 def evaluate_suite(model: nn.Module, tokenizer, tasks: Mapping[str, str] = PAPER_SUITE, *, limit: int | None = None,
-                   batch_size: int = 32, bos: bool | int | None = None, max_length: int | None = None,
-                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
+                   batch_size: int = 128, batch_tokens: int = 1024, bos: bool | int | None = None,
+                   max_length: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
     """Zero-shot accuracy of a causal LM on lm-eval tasks read from local files, as lm-eval scores them.
 
     ``tasks``: ``{lm-eval task name: JSONL file in its hub row schema}`` (``assets:`` specs allowed;
     see :mod:`optima.tasks`); ``limit``: the first N items of each task (lm-eval's ``--limit``);
-    ``batch_size``: sequences per forward pass; ``progress(task, done, total)`` after every batch.
+    ``batch_size`` and ``batch_tokens``: at most that many sequences and padded tokens per forward
+    pass (the choices' forwards; the shared prefixes get 4x the tokens); ``bos`` and ``max_length``
+    as in :func:`encode` and :func:`build_requests`; ``progress(task, done, total)`` after every batch.
     Per task: ``acc``, ``acc_stderr`` (lm-eval's sample standard error), ``acc_norm`` and
     ``acc_norm_stderr`` where lm-eval reports them, ``n``, ``metric`` (the one the suite mean takes),
     and per item ``hits`` (0/1 for each metric, for paired differences) and ``loglikelihoods``.
     """
+    scoring = Scoring(batch_size, batch_tokens, bos, max_length)
     results = {}
     for name, source in tasks.items():
         spec = task(name)
         items = read_task(name, source, limit)
         report = None if progress is None else (lambda done, total, name=name: progress(name, done, total))
-        metric = _score(model, tokenizer, items, batch_size, bos, max_length, report)
+        metric = _score(model, tokenizer, items, scoring, report)
         hits = metric.item_hits()
         result: dict = {"n": len(items), "metric": spec.metric}
         for key in spec.metrics:
