@@ -121,7 +121,7 @@ class EvaluationBar(TQDMProgressBar):
         """In plain mode, a line when a dataloader's last batch is done: which one, its batches, the time so far."""
         if not self.plain or batch_idx + 1 != total or not self.trainer.is_global_zero:
             return
-        name = batch.get("task") or (batch.get("text") or [""])[0] if isinstance(batch, dict) else ""
+        name = (batch.get("text") or [""])[0] if isinstance(batch, dict) else ""   # TextData names its texts
         print(f"{self.label}: {dataloader_idx + 1}/{loaders} {name or 'text'} done ({int(total)} batches, "
               f"{time.perf_counter() - self.started:.0f} s)", flush=True)
 
