@@ -337,10 +337,11 @@ def _fmt(value: float | None) -> str:
 
 
 def _is_zero_shot(key: str, suites: dict[str, dict]) -> bool:
-    """Whether a logged metric belongs to the zero-shot suite's own table."""
-    name = key.split("/", 1)[-1]
+    """Whether a logged metric (``val/TASK_METRIC``, ``val/zero_shot_mean``) belongs to the suite's own table."""
+    stage, _, name = key.partition("/")
     tasks = set().union(*suites.values()) if suites else set()
-    return name.startswith("zero_shot_mean") or any(name.startswith(f"{task}_") for task in tasks)
+    return stage in ("val", "test") and (name.startswith("zero_shot_mean") or
+                                         any(name.startswith(f"{task}_") for task in tasks))
 
 
 def _points(value: float, stderr: float) -> str:

@@ -1,18 +1,16 @@
-"""Zero-shot multiple-choice evaluation (HellaSwag-style) of causal LMs on local JSONL items.
+"""Zero-shot multiple-choice scoring of causal LMs, as lm-eval-harness scores it, and the suite entry point.
 
-Each item is a context and a few endings; the model's answer is the ending with the highest
-summed log-likelihood (``acc``) or the highest log-likelihood per character of the ending
-(``acc_norm``). Tokenization, the context/ending split, left truncation and the two metrics
-follow lm-eval-harness's ``HFLM.loglikelihood`` for causal LMs, so the numbers equal its
-numbers for a task with ``target_delimiter: ""`` on the same items (``tests/test_zeroshot.py``
-checks this), without lm-eval installed.
+An item (:class:`~optima.tasks.ChoiceItem`) is a (context, continuation) pair per choice; the answer
+is the choice with the highest summed log-likelihood of its continuation (``acc``) or the highest
+per character (``acc_norm``). Tokenization, the context/continuation split, left truncation and the
+two metrics follow lm-eval's ``HFLM.loglikelihood`` for causal LMs.
 
-The pieces compose with a DataLoader so a LightningModule can score in its validation loop:
-:func:`build_requests` (items -> one request per ending, sorted longest first),
-:func:`collate_requests` (requests -> right-padded tensors), :func:`batch_loglikelihoods`
-(logits -> one log-likelihood per request; :func:`logits_to_keep` lets the model skip the LM
-head on context positions) and :class:`ChoiceAccuracy` (a torchmetrics metric whose state sums
-across processes). :func:`evaluate_choices` runs them all on a plain model.
+:func:`evaluate_suite` scores lm-eval tasks read from local files (:mod:`optima.tasks`) with standard
+errors and per-item hits; :func:`suite_mean` and :func:`suite_difference` give the suite's mean and
+paired differences. A transformers causal LM runs each item's shared prefix once and its choices on
+the cached keys and values (:func:`shared_prefix`), with the LM head only where a choice is scored;
+other models run every (context + continuation) whole. The lower-level pieces (:func:`build_requests`,
+:func:`collate_requests`, :func:`batch_loglikelihoods`, :class:`ChoiceAccuracy`) serve both paths.
 """
 
 from __future__ import annotations

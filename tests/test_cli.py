@@ -137,17 +137,14 @@ def test_fit_prunes_saves_and_reloads(tmp_path, dense):
     assert pruned_ppl == pytest.approx(perplexity(pruned), rel=1e-3)
     assert pruned_ppl > dense_ppl
     assert table_values(run.stdout, "val/sparsity") == [0.0, 0.5]
-    # zero-shot rows agree with the engine's scorer on the same 16 items, for both models
-    from optima.zeroshot import evaluate_choices, read_jsonl
-
-    items = read_jsonl(assets_dir() / "hellaswag-2way" / "dev.jsonl")[:16]
-    tokenizer = load_llama2c_tokenizer(assets_dir() / "stories260K" / "tok512.bin")
-    for metric in ("acc", "acc_norm"):
-        expected = [evaluate_choices(m, tokenizer, items)[metric] for m in (dense, pruned)]
-        assert table_values(run.stdout, f"val/hellaswag_{metric}") == pytest.approx(expected, abs=1e-4)
+    # the zero-shot suite (table, JSON report, figure) agrees with the engine's scorer on the same 16 items
+    check_suite(run.stdout, report, dense, pruned)
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
     assert f"pruned model written to {tmp_path / 'pruned'}" in run.stdout
     assert f"report written to {tmp_path / 'report.json'}" in run.stdout
-    assert "hellaswag=assets:hellaswag-2way/dev.jsonl (16 items, zero-shot acc/acc_norm)" in run.stdout
+    assert "arc_easy=assets:zeroshot/arc_easy/test.jsonl (first 16 items, zero-shot acc/acc_norm)" in run.stdout
+    assert "zero-shot mean of arc_easy acc, winogrande acc (MMLU has no offline copy)" in run.stdout
+    assert re.search(r"^dense zero-shot: winogrande done \(32 requests, \d+ s\)$", run.stdout, re.MULTILINE)
     assert "(8 random windows, seed=0)" in run.stdout and "test.txt (4 windows)" in run.stdout
     assert "seq_len=64, bos=1" in run.stdout
 
@@ -170,23 +167,47 @@ def test_validate_evaluates_a_pruned_output_folder(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == written
 
 
-def test_lm_eval_section_runs_local_tasks_on_dense_and_pruned(tmp_path):
-    """The recipe's lm_eval section through lm-eval-harness agrees with the built-in zero-shot rows."""
-    pytest.importorskip("lm_eval")
-    from test_zeroshot import TASK_YAML
+def check_suite(stdout: str, report: dict, dense: torch.nn.Module, pruned: torch.nn.Module) -> None:
+    """The run's zero-shot suite (the tiny recipe's arc_easy and winogrande, 16 items) against
+    evaluate_suite on both models: the report's per-item hits and numbers, the table's rows."""
+    from optima.zeroshot import evaluate_suite, suite_difference, suite_mean
 
-    items = tmp_path / "items.jsonl"
-    lines = (assets_dir() / "hellaswag-2way" / "dev.jsonl").read_text().splitlines(keepends=True)[:16]
-    items.write_text("".join(lines))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "task.yaml").write_text(TASK_YAML.format(data=json.dumps(str(items))))
-    run = optima("fit", "--config", str(RECIPE), "--lm_eval.tasks=[hellaswag2_local]",
-                 f"--lm_eval.include_path={tasks}", "--lm_eval.batch_size=8", outputs=tmp_path)
+    tasks = {"arc_easy": "assets:zeroshot/arc_easy/test.jsonl", "winogrande": "assets:zeroshot/winogrande/validation.jsonl"}
+    tokenizer = load_llama2c_tokenizer(assets_dir() / "stories260K" / "tok512.bin")
+    ours = {label: evaluate_suite(model, tokenizer, tasks, limit=16) for label, model in (("dense", dense),
+                                                                                           ("pruned", pruned))}
+    saved = report["evaluation"]["zero_shot"]
+    for label, suite in ours.items():
+        for name, result in suite.items():
+            assert saved[label]["tasks"][name]["hits"] == result["hits"]
+            assert saved[label]["tasks"][name]["acc_stderr"] == result["acc_stderr"]
+        assert saved[label]["mean"]["value"] == pytest.approx(suite_mean(suite)[0])
+    difference = suite_difference(ours["dense"], ours["pruned"])
+    assert saved["difference"]["mean"]["value"] == pytest.approx(difference["mean"][0])
+    assert saved["difference"]["mean"]["stderr"] == pytest.approx(difference["mean"][1])
+    row = re.search(r"winogrande\s*│\s*acc\s*│\s*16\s*│\s*([\d.]+) ± ([\d.]+)\s*│\s*([\d.]+) ± [\d.]+\s*│\s*"
+                    r"(-?[\d.]+) ±", stdout)
+    assert row, stdout
+    assert [float(v) for v in row.group(1, 2, 3, 4)] == pytest.approx(
+        [100 * ours["dense"]["winogrande"]["acc"], 100 * ours["dense"]["winogrande"]["acc_stderr"],
+         100 * ours["pruned"]["winogrande"]["acc"], 100 * difference["winogrande"][0]], abs=0.006)
+
+
+def test_lm_eval_section_runs_local_tasks_on_dense_and_pruned(tmp_path):
+    """The recipe's lm_eval section, lm-eval-harness on our task YAMLs, agrees with the built-in suite."""
+    pytest.importorskip("lm_eval")
+    from optima.lmeval import write_local_tasks
+
+    names = write_local_tasks(tmp_path / "tasks", {"arc_easy": "assets:zeroshot/arc_easy/test.jsonl",
+                                                   "winogrande": "assets:zeroshot/winogrande/validation.jsonl"})
+    run = optima("fit", "--config", str(RECIPE), f"--lm_eval.tasks=[{','.join(names)}]", "--lm_eval.limit=16",
+                 f"--lm_eval.include_path={tmp_path / 'tasks'}", "--lm_eval.batch_size=8", outputs=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    for metric in ("acc", "acc_norm"):
-        theirs = table_values(run.stdout, f"lm_eval/hellaswag2_local_{metric}")
-        assert len(theirs) == 2 and theirs == table_values(run.stdout, f"val/hellaswag_{metric}")
+    suite = json.loads((tmp_path / "report.json").read_text())["evaluation"]["zero_shot"]
+    for name, metric in (("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("winogrande", "acc")):
+        theirs = table_values(run.stdout, f"lm_eval/{name}_local_{metric}")
+        ours = [suite[label]["tasks"][name][metric] for label in ("dense", "pruned")]
+        assert theirs == pytest.approx(ours, abs=1e-6)
 
 
 def test_fit_2of4_one_pass(tmp_path):
