@@ -22,9 +22,9 @@ from typing_extensions import override
 from optima.callbacks.module import PrunableModule, check_window_options
 from optima.evaluate import block_output_errors, overall_sparsity
 from optima.config import OptionError
-from optima.loading import load_problem, load_tokenizer, resolve_path
+from optima.loading import load_problem, load_tokenizer
 from optima.text import bos_token_id, check_source, consecutive_windows, prefix_token, random_windows, read_tokens
-from optima.tasks import TASKS
+from optima.tasks import TASKS, read_task
 from optima.zeroshot import evaluate_suite, suite_mean
 
 
@@ -124,7 +124,6 @@ class CausalLM(PrunableModule):
             for i, err in enumerate(self.block_errors):
                 self.log(f"{prefix}/block{i}_rel_error", err)
 
-
     def _log_zero_shot(self, prefix: str, data: TextData) -> None:
         """The zero-shot suite on the model as it is now (every process scores all of it), logged per task
         as ``NAME_METRIC`` and ``NAME_METRIC_stderr``, and its mean as ``zero_shot_mean``."""
@@ -182,7 +181,10 @@ class TextData(pl.LightningDataModule):
         for name, source in (zero_shot or {}).items():
             if name not in TASKS:
                 raise OptionError("data.init_args.zero_shot", f"unknown task {name!r}; known: {', '.join(TASKS)}")
-            check_source(source)
+            try:
+                check_source(source)
+            except FileNotFoundError as err:
+                raise OptionError("data.init_args.zero_shot", f"{name}: {err}") from None
         if zero_shot_items is not None and zero_shot_items < 1:
             raise OptionError("data.init_args.zero_shot_items", f"must be >= 1, got {zero_shot_items}")
         if zero_shot_batch_size < 1:
@@ -221,6 +223,11 @@ class TextData(pl.LightningDataModule):
         for name, source in self.evaluation_sources(hp.evaluation).items():
             ids = read_tokens("data.init_args.evaluation", source, tokenizer, hp.seq_len, self.bos)
             self.evaluation_ids[name] = prefix_token(consecutive_windows(ids, text_len, hp.eval_windows), self.bos)
+        for name, source in self.zero_shot_tasks.items():   # a file in another schema fails now, not after pruning
+            try:
+                read_task(name, source, hp.zero_shot_items)
+            except ValueError as err:
+                raise OptionError("data.init_args.zero_shot", str(err)) from None
 
     def protocol(self) -> str:
         """How the numbers were measured, printed beside them."""

@@ -181,3 +181,19 @@ def test_suite_mean_and_difference_use_each_tasks_metric():
     difference = suite_difference(before, after)
     assert difference["arc_challenge"][0] == 0.25 and difference["piqa"] == (0.0, 0.0)
     assert difference["mean"][0] == pytest.approx(0.125)
+
+
+def test_text_data_refuses_unknown_tasks_and_files_of_another_schema(tmp_path):
+    from optima.callbacks.lm import TextData
+    from optima.config import OptionError
+
+    tokenizer, text = "assets:stories260K/tok512.bin", "assets:wikitext-2/valid.txt"
+    with pytest.raises(OptionError, match="unknown task 'mmlu'") as error:
+        TextData(tokenizer, text, text, zero_shot={"mmlu": text})
+    assert error.value.option == "data.init_args.zero_shot"
+    with pytest.raises(OptionError, match="piqa: .*not found"):
+        TextData(tokenizer, text, text, zero_shot={"piqa": str(tmp_path / "missing.jsonl")})
+    data = TextData(tokenizer, text, text, seq_len=32, calibration_samples=1, eval_windows=1,
+                    zero_shot={"piqa": PAPER_SUITE["arc_easy"]})      # ARC rows are not PIQA rows
+    with pytest.raises(OptionError, match="row 1 does not fit the piqa schema"):
+        data.setup("validate")
