@@ -78,7 +78,8 @@ class SentenceEncoder(PrunableModule):
 
 
 def split_sentences(text: str, min_words: int = 5) -> list[str]:
-    """Sentences of a WikiText-style text: split at ' . ', drop headings and short pieces."""
+    """Sentences of a WikiText-style text: each non-empty line that is not a heading (``= ... =``), split after
+    ``.``, ``!`` or ``?`` followed by whitespace; pieces of fewer than ``min_words`` words are dropped."""
     out = []
     for line in text.splitlines():
         line = line.strip()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optima.config import PruneConfig
+from optima.config import OptionError, PruneConfig
 from optima.hessian import HessianAccumulator, hessian_hooks
 from optima.model import LayerSelection, find_blocks, layers_by_block, set_weight_rows, weight_rows
 from optima.owl import input_norms, owl_sparsities
@@ -40,9 +40,9 @@ class RunOptions:
     feeds its own shard of batches; Hessians are summed before solving, so every process
     computes the same weights); ``row_share`` then splits each layer's OPTIMA solve between the
     processes (``optima.share``), which all end with the same weights. ``execution_device``
-    offloads (sequential walk): the model stays where it is and each block visits that device
-    only while it is calibrated, pruned and run, so a model larger than the device's memory
-    can be pruned.
+    offloads the sequential walk (the one-pass walk refuses it): the model stays where it is and
+    each block visits that device only while it is calibrated, pruned and run, so a model larger
+    than the device's memory can be pruned.
     """
 
     on_layer: Callable[[LayerRecord], None] | None = None
@@ -250,16 +250,20 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
                 config: PruneConfig | None = None, run: RunOptions | None = None) -> PruneReport:
     """Prune every selected linear layer of ``model`` in place; return the report.
 
-    ``run_batch(batch)`` runs the model's forward on one calibration batch. Every layer
-    is checked against its pattern before any data is touched.
+    ``run_batch(batch)`` runs the model's forward on one calibration batch. Before any data is
+    touched, the run options are checked and every layer is checked against its pattern
+    (with ``layer_budgets="owl"`` the budgets then come from one pass of the dense model).
     """
     config, run = config or PruneConfig(), run or RunOptions()
-    if config.layer_budgets == "owl":
-        config = _with_owl_budgets(model, batches, run_batch, config, run)
+    if run.execution_device is not None and not config.sequential:
+        raise OptionError("execution_device", "offloads the sequential walk block by block; the one-pass walk "
+                          "(sequential=False) runs the whole dense model at once: drop one of the two")
     per_block = layers_by_block(model, config.selection)
     for layers in per_block:
         for name, layer in layers.items():
             config.pattern_for(name).check(weight_rows(layer).shape[1])
+    if config.layer_budgets == "owl":
+        config = _with_owl_budgets(model, batches, run_batch, config, run)
     checkpoints = None
     if run.resume_dir is not None:
         layout = [[(n, tuple(weight_rows(m).shape)) for n, m in layers.items()] for layers in per_block]

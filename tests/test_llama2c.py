@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs
 
 from optima.llama2c import load_llama2c, load_llama2c_tokenizer
 from optima.loading import assets_dir
@@ -17,11 +18,8 @@ CKPT = assets_dir() / "stories260K" / "stories260K.bin"
 TOK = assets_dir() / "stories260K" / "tok512.bin"
 WIKI = assets_dir() / "wikitext-2" / "valid.txt"
 
-needs_model = pytest.mark.skipif(
-    not (CKPT.is_file() and TOK.is_file()),
-    reason=f"llama2.c assets missing under {assets_dir()} (set OPTIMA_ASSETS)",
-)
-needs_wiki = pytest.mark.skipif(not WIKI.is_file(), reason=f"WikiText-2 asset missing: {WIKI}")
+needs_model = needs("stories260K/stories260K.bin", "stories260K/tok512.bin")
+needs_wiki = needs("wikitext-2/valid.txt")
 
 STORY = "Once upon a time, there was a little girl named Lily."
 

@@ -121,7 +121,7 @@ def test_input_norms_equal_hand_computed_sequential():
 
 
 def _tiny_llama(blocks: int) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=blocks,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -3,6 +3,9 @@ top-level ``callbacks`` package that could collide with another project's."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import re
 import shutil
 import site
 import subprocess
@@ -10,6 +13,8 @@ import sys
 import sysconfig
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,3 +51,31 @@ def test_wheel_installs_the_callbacks_under_the_optima_namespace(tmp_path):
             "print(optima.callbacks.__file__)")
     out = run(python, "-c", code, cwd=tmp_path)
     assert Path(out.strip()).is_relative_to(venv), out
+
+
+def _imported_packages(folder: Path) -> set[str]:
+    """Top-level names the ``.py`` files in ``folder`` import, or load through ``conftest.require_module``."""
+    names = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "require_module"
+                  and isinstance(node.args[0], ast.Constant)):
+                names.add(node.args[0].value.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"optima"} - {path.stem for path in folder.glob("*.py")}
+
+
+def test_every_package_the_tests_import_is_declared():
+    """Each third-party package the tests import is a dependency or in the ``test`` extra of pyproject.toml,
+    not something that happens to arrive with another package's dependencies."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[\[<>=;! ]", r, maxsplit=1)[0].lower().replace("_", "-")
+                for r in [*project["dependencies"], *project["optional-dependencies"]["test"]]}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {name: providers.get(name) for name in _imported_packages(ROOT / "tests")
+                  if not {d.lower().replace("_", "-") for d in providers.get(name, [])} & declared}
+    assert undeclared == {}

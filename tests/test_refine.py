@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import correlated_hessian, damped_objective, exact_update
+from conftest import correlated_hessian, damped_objective, exact_update, require_assets
 
 from optima import reconstruction_objective
 from optima.config import PruneConfig
@@ -61,8 +61,7 @@ def test_objective_never_rises_on_correlated_random_layers(name, seed):
 @pytest.fixture(scope="module")
 def stories_layers() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(weight, Hessian) of two real stories260K layers from 8 x 128 tokens of WikiText-2 valid."""
-    if not (STORIES.is_file() and WIKI.is_file()):
-        pytest.skip(f"stories260K or WikiText-2 missing under {assets_dir()}")
+    require_assets("stories260K/stories260K.bin", "wikitext-2/valid.txt")
     from optima.hessian import HessianAccumulator
     from optima.llama2c import load_llama2c, load_llama2c_tokenizer
     from optima.text import random_windows, tokenize

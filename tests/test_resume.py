@@ -8,10 +8,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import needs
 
-from optima.loading import assets_dir
 
-STORIES = assets_dir() / "stories260K" / "stories260K.bin"
 
 # Prunes stories260K block by block with checkpoints in argv[1]; kills itself (SIGKILL, no
 # cleanup) when block argv[3] starts, if given; saves the final weights to argv[2].
@@ -41,7 +40,7 @@ def _run(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.skipif(not STORIES.is_file(), reason=f"offline assets missing under {assets_dir()}")
+@needs("stories260K/stories260K.bin", "stories260K/tok512.bin", "wikitext-2/valid.txt")
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     checkpoints = tmp_path / "ckpt"
     killed = _run(tmp_path, str(checkpoints), str(tmp_path / "never.pt"), "3")

@@ -287,7 +287,7 @@ def projected_gradient_reference(hessian, lower, upper, iterations=30000):
 
 def scipy_reference(hessian, lower, upper):
     """Bounded least squares min ||L^T x||^2 by scipy's BVLS (an active-set method), pins eliminated."""
-    optimize = pytest.importorskip("scipy.optimize")
+    from scipy import optimize
     factor = torch.linalg.cholesky(hessian).T
     out = lower.clone()
     for r in range(lower.shape[0]):

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from optima.callbacks.lm import TextData
-from optima.loading import assets_dir
 from optima.text import bos_token_id, prefix_token
 
 WORDS = "the cat sat on a mat and then it ran off to see its friend".split()
-pytestmark = pytest.mark.skipif(not (assets_dir() / "stories260K" / "tok512.bin").is_file(),
-                                reason=f"offline assets missing under {assets_dir()}")
 
 
 def word_tokenizer(folder, with_bos: bool) -> str:
@@ -62,6 +60,7 @@ def test_bos_can_be_forced_off_or_on(tmp_path, corpus):
     assert (on.calibration_ids[:, 0] == 1).all()
 
 
+@needs("stories260K/tok512.bin")
 def test_real_tokenizers():
     from optima.loading import load_tokenizer
 
