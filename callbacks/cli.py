@@ -41,9 +41,9 @@ from rich.table import Table
 from typing_extensions import override
 
 from optima.atomic import check_writable, write_atomic
-from optima.callbacks.command import Interrupted, interruptible
 from optima.callbacks.module import check_save_dir_option
 from optima.callbacks.pruning import OptimaPruning
+from optima.callbacks.signals import Interrupted, interruptible
 from optima.config import OptionError
 from optima.figure import block_errors, write_figure
 from optima.loading import load_tokenizer

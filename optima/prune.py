@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from optima.block_ldl import keep_rate_order
 from optima.config import OWN_UPDATES, PruneConfig
 from optima.hessian import Damping, damp_hessian
 from optima.masks import Pattern, magnitude_mask, wanda_mask
 from optima.refine import refine_mask
 from optima.share import RowShare
-from optima.solver import QPResult, keep_rate_order, resolve_method, solve_pinned
+from optima.solver import QPResult, resolve_method, solve_pinned
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 from optima.thanos import thanos
 

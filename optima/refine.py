@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from optima.block_ldl import keep_rate_order
 from optima.hessian import Damping, cholesky_escalating
 from optima.masks import Pattern
-from optima.solver import SolverOptions, keep_rate_order, solve_pinned
+from optima.solver import SolverOptions, solve_pinned
 
 
 @dataclass

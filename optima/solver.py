@@ -36,8 +36,9 @@ from typing import Literal
 
 import torch
 
-from optima.block_ldl import BlockLDL
+from optima.block_ldl import BlockLDL, keep_rate_order
 from optima.direct import batch_rows, solve_pinned_direct
+from optima.errors import OptionError, check_choice
 from optima.hessian import Damping, cholesky_escalating
 
 PRECONDITIONERS = ("ldl", "hinv", "jacobi")   # "ldl" and "hinv" have M^-1 >= (H_FF)^-1: r^T z bounds the gap
@@ -96,8 +97,6 @@ class SolverOptions:
     matmul: Literal["full", "bfloat16", "tf32"] = "full"
 
     def __post_init__(self) -> None:
-        from optima.config import OptionError, check_choice  # config imports this module
-
         check_choice("solver.method", self.method, METHODS)
         check_choice("solver.preconditioner", self.preconditioner, (*PRECONDITIONERS, None))
         check_choice("solver.stop", self.stop, ("gap", "residual", None))
@@ -275,15 +274,6 @@ class _ScaledProblem:
     exact_preconditioner: bool         # M^-1 >= (H_FF)^-1 holds, so r^T z bounds the gap
     low_hs: torch.Tensor | None = None         # low-precision copies for CG's matmuls (options.matmul)
     low_precond: Preconditioner = None
-
-
-def keep_rate_order(keep: torch.Tensor) -> torch.Tensor:
-    """Inputs by decreasing number of rows that keep them: the "ldl" factorization's order.
-
-    The preconditioner drops the coupling L_KP of each row's kept inputs to pruned inputs earlier in
-    the order; inputs that most rows keep first leave little of it (bench/README.md measures it).
-    """
-    return torch.argsort(keep.sum(0), descending=True, stable=True)
 
 
 def _check_order(order: torch.Tensor, d: int, device: torch.device) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch
 
 from conftest import correlated_hessian
 from optima import PruneConfig, SolverOptions, damp_hessian, prune_weight
-from optima.block_ldl import BlockLDL
-from optima.solver import keep_rate_order, solve_pinned
+from optima.block_ldl import BlockLDL, keep_rate_order
+from optima.solver import solve_pinned
 
 DAMP = 0.01
 

@@ -300,7 +300,8 @@ def test_test_subcommand_evaluates_the_test_split_and_writes_nothing(tmp_path, d
     (["--model.init_args.model=/nonexistent/model"],
      "--model.init_args.model: model path not found: /nonexistent/model"),
     (["--model.init_args.model=package:no_such_model_package"],
-     "--model.init_args.model: package:no_such_model_package: the model package is not installed; install it with: "
+     "--model.init_args.model: package:no_such_model_package: the model package 'no_such_model_package' is not "
+     "installed; install it with: "
      "pip install no-such-model-package"),
     (["--model.init_args.model=README.md"], "--model.init_args.model: cannot load 'README.md': "),
     (["--data.init_args.seq_len=1000"], "--data.init_args.seq_len: 1000 tokens is longer than the model's context of "

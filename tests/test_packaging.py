@@ -79,3 +79,35 @@ def test_every_package_the_tests_import_is_declared():
     undeclared = {name: providers.get(name) for name in _imported_packages(ROOT / "tests")
                   if not {d.lower().replace("_", "-") for d in providers.get(name, [])} & declared}
     assert undeclared == {}
+
+
+def _optima_imports(path: Path) -> set[str]:
+    """The ``optima`` modules a source file imports, at its top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names if alias.name.startswith("optima.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.startswith("optima"):
+            names |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+    return names
+
+
+def test_no_import_circle():
+    """The import graph of ``optima/`` and ``callbacks/`` (lazy imports included) has no circle."""
+    files = {f"optima.{p.stem}": p for p in (ROOT / "optima").glob("*.py") if p.stem != "__init__"}
+    files |= {f"optima.callbacks.{p.stem}": p for p in (ROOT / "callbacks").glob("*.py") if p.stem != "__init__"}
+    graph = {name: _optima_imports(path) & files.keys() - {name} for name, path in files.items()}
+
+    def circle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    assert [c for c in map(circle_from, sorted(graph)) if c] == []

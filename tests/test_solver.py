@@ -16,6 +16,7 @@ import torch
 import optima.solver as solver_module
 from conftest import correlated_hessian, damped_objective, exact_update
 from optima import SolverOptions, damp_hessian, prune_weight, solve_box_qp
+from optima.block_ldl import keep_rate_order
 from optima.config import OptionError, PruneConfig
 from optima.solver import choose_method, solve_pinned
 
@@ -436,7 +437,7 @@ def test_bfloat16_cg_alone_is_not_exact_so_refinement_is_needed():
     masked = damped_objective(weight * keep, weight, hessian, DAMP)
     refined = solve_pinned(damped, weight, keep, damping, low)
     assert damped_objective(weight + refined.delta, weight, hessian, DAMP) - best <= 1e-6 * masked
-    order = solver_module.keep_rate_order(keep)   # scaled coordinates in the solver's input order, as solve_pinned
+    order = keep_rate_order(keep)   # scaled coordinates in the solver's input order, as solve_pinned
     problem = solver_module._scaled_problem(damped, low, damping, order)
     w, kept = weight[:, order].float() / problem.scale, keep[:, order]
     free = kept.float()
