@@ -93,9 +93,14 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.abs().float()
 
 
-def wanda_scores(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Wanda's |W| * ||X_col||_2, with ||X_col||^2 read off diag(H)."""
-    return weight.abs().float() * hessian.diagonal().clamp_min(0).sqrt().to(torch.float32)
+def column_norms(hessian: torch.Tensor) -> torch.Tensor:
+    """Each input's ||X_col||_2, read off diag(H) = ||X_col||^2 (in the Hessian's dtype)."""
+    return hessian.diagonal().clamp_min(0).sqrt()
+
+
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's |W| * ||X_col||_2 in float32, from the inputs' norms (``column_norms(H)``, or measured)."""
+    return weight.detach().abs().float() * norms.float().to(weight.device)
 
 
 def magnitude_mask(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -105,7 +110,7 @@ def magnitude_mask(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
 
 def wanda_mask(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Keep-mask of Wanda: lowest |W| * ||X_col|| pruned within each output row (or N:M group)."""
-    return mask_from_scores(wanda_scores(weight, hessian), pattern, scope="row")
+    return mask_from_scores(wanda_scores(weight, column_norms(hessian)), pattern, scope="row")
 
 
 def prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optima.masks import wanda_scores
 from optima.model import weight_rows
 
 
@@ -55,10 +56,6 @@ def input_norms(model: nn.Module, batches: Iterable[Any], run_batch: Callable[[A
     return {name: total.sqrt() for name, total in sums.items()}
 
 
-def _wanda_scores(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    return weight.detach().abs().float() * norm.float().to(weight.device)
-
-
 def outlier_ratio(weights: list[torch.Tensor], norms: list[torch.Tensor], m: float) -> float:
     """Fraction of the pooled Wanda scores of one block's layers above ``m`` times their pooled mean.
 
@@ -67,10 +64,10 @@ def outlier_ratio(weights: list[torch.Tensor], norms: list[torch.Tensor], m: flo
     """
     total, count = 0.0, 0
     for weight, norm in zip(weights, norms):
-        total += _wanda_scores(weight, norm).sum(dtype=torch.float64).item()
+        total += wanda_scores(weight, norm).sum(dtype=torch.float64).item()
         count += weight.numel()
     threshold = m * total / count
-    above = sum(int((_wanda_scores(w, n) > threshold).sum()) for w, n in zip(weights, norms))
+    above = sum(int((wanda_scores(w, n) > threshold).sum()) for w, n in zip(weights, norms))
     return above / count
 
 

@@ -16,6 +16,7 @@ import torch
 from optima.block_ldl import keep_rate_order
 from optima.config import OWN_UPDATES, PruneConfig
 from optima.hessian import Damping, damp_hessian
+from optima.linalg import reconstruction_error
 from optima.masks import Pattern, magnitude_mask, wanda_mask
 from optima.refine import refine_mask
 from optima.share import RowShare
@@ -77,8 +78,7 @@ class PruneResult:
 
 def reconstruction_objective(new_weight: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """sum over rows of (w' - w)^T H (w' - w), computed in float64."""
-    diff = new_weight.double() - weight.double()
-    return float((diff * (diff @ hessian.double())).sum())
+    return float(reconstruction_error(new_weight, weight, hessian, per_row=False))
 
 
 def _shared_objectives(candidates: list[torch.Tensor], weight: torch.Tensor, hessian: torch.Tensor,

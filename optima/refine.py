@@ -27,6 +27,7 @@ import torch
 
 from optima.block_ldl import keep_rate_order
 from optima.hessian import Damping, cholesky_escalating
+from optima.linalg import reconstruction_error
 from optima.masks import Pattern
 from optima.solver import SolverOptions, solve_pinned
 
@@ -39,12 +40,6 @@ class RefineResult:
     weight: torch.Tensor            # exact OPTIMA solution for ``keep``; pruned entries exactly 0
     objectives: list[float]         # layer objective (undamped H, float64): [0] before, then after each round
     accepted_rows: list[int]        # rows whose new mask was accepted, per round
-
-
-def row_objectives(new: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Per row (w' - w)^T H (w' - w) in float64."""
-    diff = new.double() - weight.double()
-    return (diff * (diff @ hessian.double())).sum(1)
 
 
 def swap_scores(weight: torch.Tensor, new: torch.Tensor, keep: torch.Tensor, damped: torch.Tensor,
@@ -103,7 +98,7 @@ def refine_mask(weight: torch.Tensor, hessian: torch.Tensor, damped: torch.Tenso
     h = damped.to(w.dtype)
     keep = keep.clone()
     new = solved.to(w.dtype) * keep
-    objective = row_objectives(new, w, hessian)
+    objective = reconstruction_error(new, w, hessian)
     order = keep_rate_order(keep) if order is None else order
     hinv_diag = torch.cholesky_inverse(cholesky_escalating(h, damping)[1]).diagonal()
     budget = ((~keep).sum(1) * swap_fraction).ceil().clamp_min(1).long()
@@ -117,7 +112,7 @@ def refine_mask(weight: torch.Tensor, hessian: torch.Tensor, damped: torch.Tenso
         bounds = None if weight_range is None else tuple(b[rows] for b in weight_range)
         delta = solve_pinned(h, w[rows], trial[rows], damping, options, bounds, order).delta
         candidate = (w[rows] + delta.to(w.dtype)) * trial[rows]
-        cand_objective = row_objectives(candidate, w[rows], hessian)
+        cand_objective = reconstruction_error(candidate, w[rows], hessian)
         better = cand_objective < objective[rows]
         accepted = rows[better]
         keep[accepted], new[accepted], objective[accepted] = trial[accepted], candidate[better], cand_objective[better]

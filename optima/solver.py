@@ -40,6 +40,7 @@ from optima.block_ldl import BlockLDL, keep_rate_order
 from optima.direct import batch_rows, solve_pinned_direct
 from optima.errors import OptionError, check_choice
 from optima.hessian import Damping, cholesky_escalating
+from optima.linalg import quadratic_form
 
 PRECONDITIONERS = ("ldl", "hinv", "jacobi")   # "ldl" and "hinv" have M^-1 >= (H_FF)^-1: r^T z bounds the gap
 METHODS = ("auto", "pcg", "direct")
@@ -219,7 +220,7 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: Pr
         if gap:
             raise ValueError("the gap rule needs the start objective as scale")
         scale = (rhs * rhs).sum(1)
-    threshold = (options.tol if gap else options.tol ** 2) * scale
+    threshold = _stop_threshold(options, scale)
     x = torch.zeros_like(rhs)
     r = rhs.clone()
     z = _precondition(r, precond, free)     # CG never writes into r or z in place: no copy needed
@@ -253,14 +254,19 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: Pr
             iterations[live] += active
             done += 1
     solution[live], measure[live] = x, _stop_measure(r, rz, gap)
-    converged = measure <= threshold
-    tiny = torch.finfo(measure.dtype).tiny
-    relative = measure / scale.clamp_min(tiny) if gap else (measure / scale.clamp_min(tiny)).sqrt()
-    return solution, iterations, converged, relative
+    return solution, iterations, measure <= threshold, _relative_measure(measure, scale, gap)
 
 
-def _objective(x: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (x * (x @ hessian)).sum(1)
+def _stop_threshold(options: SolverOptions, scale: torch.Tensor) -> torch.Tensor:
+    """Each row's threshold on its stopping measure: ``tol`` (gap rule) or ``tol^2`` (residual rule) times
+    ``scale``."""
+    return (options.tol if options.stop_rule == "gap" else options.tol ** 2) * scale
+
+
+def _relative_measure(measure: torch.Tensor, scale: torch.Tensor, gap: bool) -> torch.Tensor:
+    """The final stopping measure relative to its scale: the gap bound, or the relative residual."""
+    relative = measure / scale.clamp_min(torch.finfo(measure.dtype).tiny)
+    return relative if gap else relative.sqrt()
 
 
 @dataclass
@@ -462,7 +468,7 @@ def _refined_pcg(problem: _ScaledProblem, rhs: torch.Tensor, free: torch.Tensor,
     low-precision system too far from the true one: ill-conditioned H), the rows left finish
     with full-precision PCG from where refinement got. Returns what ``pcg`` returns."""
     gap = options.stop_rule == "gap"
-    threshold = (options.tol if gap else options.tol ** 2) * scale
+    threshold = _stop_threshold(options, scale)
 
     def residual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r = rhs - _masked_matmul(x, problem.hs, free)
@@ -493,9 +499,7 @@ def _refined_pcg(problem: _ScaledProblem, rhs: torch.Tensor, free: torch.Tensor,
         correction, iters, _, _ = pcg(problem.hs, r, free, problem.precond, options, scale)
         x, iterations = x + correction, iterations + iters
         measure = residual(x)[1]
-    tiny = torch.finfo(measure.dtype).tiny
-    relative = measure / scale.clamp_min(tiny) if gap else (measure / scale.clamp_min(tiny)).sqrt()
-    return x, iterations, measure <= threshold, relative
+    return x, iterations, measure <= threshold, _relative_measure(measure, scale, gap)
 
 
 def _projected_gradient_norm(y: torch.Tensor, g: torch.Tensor, lower: torch.Tensor,
@@ -507,13 +511,13 @@ def _projected_gradient_norm(y: torch.Tensor, g: torch.Tensor, lower: torch.Tens
 def _line_search(y: torch.Tensor, step: torch.Tensor, g: torch.Tensor, lower: torch.Tensor,
                  upper: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """Per-row Armijo backtracking along the projection arc ``clamp(y + a * step)``."""
-    f0 = _objective(y, hessian)
+    f0 = 0.5 * quadratic_form(y, hessian)
     alpha = torch.ones(y.shape[0], dtype=y.dtype, device=y.device)
     best = y
     pending = torch.ones_like(alpha, dtype=torch.bool)
     for _ in range(30):
         trial = (y + alpha[:, None] * step).clamp(lower, upper)
-        accept = _objective(trial, hessian) <= f0 + 1e-4 * (g * (trial - y)).sum(1)
+        accept = 0.5 * quadratic_form(trial, hessian) <= f0 + 1e-4 * (g * (trial - y)).sum(1)
         take = pending & accept
         best = torch.where(take[:, None], trial, best)
         pending &= ~accept

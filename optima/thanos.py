@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from optima.hessian import Damping, add_damping, damp_hessian
-from optima.masks import Pattern, prune_nm
+from optima.masks import Pattern, column_norms, prune_nm
 
 _TRIES = 6                 # damping escalations (x10 each) before giving up
 _CHUNK_ELEMENTS = 1 << 24  # rows x |S| x |S| entries of the per-row systems factored at once
@@ -64,7 +64,7 @@ def thanos(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, blo
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     if pattern.structured:
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
-    norms = hessian.diagonal().clamp_min(0).sqrt()
+    norms = column_norms(hessian)
     h, damping = damp_hessian(hessian, damp)
     for _ in range(_TRIES):
         upper = _inverse_upper_factor(h)
