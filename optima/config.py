@@ -46,7 +46,7 @@ class PruneConfig:
         update: How the kept weights move: none; optima (the exact per-row optimum);
             sparsegpt or thanos (the selector's own greedy update; needs that mask).
         damp: Relative damping: damp * mean(diag H) is added to the Hessian's diagonal.
-        blocksize: Columns per lazy-update block of the sparsegpt and thanos selectors.
+        mask_block: Columns per lazy-update block of the sparsegpt and thanos selectors.
         sequential: Prune block by block, feeding each pruned block's outputs to the next
             (SparseGPT's scheme); false: every Hessian from one pass of the dense model.
         targets: Regexes; when given, only layers whose name matches one are pruned.
@@ -71,7 +71,7 @@ class PruneConfig:
     mask: Mask = "wanda"
     update: Update = "optima"
     damp: float = 0.01
-    blocksize: int = 128
+    mask_block: int = 128
     sequential: bool = True
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
@@ -108,8 +108,8 @@ class PruneConfig:
             raise OptionError("mask_rounds", "refines the mask by exact OPTIMA re-solves: needs update='optima'")
         if not self.damp >= 0:
             raise OptionError("damp", f"must be >= 0, got {self.damp}")
-        if self.blocksize < 1:
-            raise OptionError("blocksize", f"must be a positive number of columns, got {self.blocksize}")
+        if self.mask_block < 1:
+            raise OptionError("mask_block", f"must be a positive number of columns, got {self.mask_block}")
         for option, regexes in (("targets", self.targets), ("ignore", self.ignore), ("layer_sparsity", self.layer_sparsity)):
             for regex in regexes:
                 try:

@@ -25,8 +25,8 @@ class HessianAccumulator:
     ``add`` takes inputs of any leading shape (batch, sequence, ...) whose last
     dimension is ``d_in``; they are cast to ``dtype`` (float32 or float64) before
     the product, so bf16/fp16 models accumulate at full precision. Only the lower
-    triangle is computed, in panels of ``PANEL`` rows (X^T X is symmetric): 0.6-0.7x
-    the time of the full product (bench/README.md); ``sum`` mirrors it.
+    triangle is computed, in panels of ``PANEL`` rows (X^T X is symmetric), in less time than
+    the full product (bench/README.md); ``sum`` mirrors it.
     """
 
     def __init__(self, d_in: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,

@@ -69,8 +69,8 @@ def resolve(spec: str) -> str:
 
 def check_hub_reachable(repo_id: str) -> None:
     """Raise ``FileNotFoundError`` at once when hub id ``repo_id`` is not in the local Hugging Face cache
-    and cannot be downloaded: offline mode, or the hub's host unreachable (one connection attempt, 3 s,
-    instead of huggingface_hub's retries, which take 20 s and more). Behind a proxy the hub decides."""
+    and cannot be downloaded: offline mode, or the hub's host unreachable (one connection attempt with a
+    3 s timeout instead of huggingface_hub's retries). Behind a proxy the hub decides."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -52,14 +52,14 @@ class Pattern:
             return (d_in // self.m) * (self.m - self.n)
         return self.pruned_count(d_in)
 
-    def pruned_per_block(self, rows: int, d_in: int, blocksize: int) -> list[int]:
-        """How many weights each block of ``blocksize`` columns (all rows together) loses.
+    def pruned_per_block(self, rows: int, d_in: int, mask_block: int) -> list[int]:
+        """How many weights each block of ``mask_block`` columns (all rows together) loses.
 
         Block ``[i1, i2)`` loses ``pruned_count(rows * i2) - pruned_count(rows * i1)``: every
         block its floored or ceiled share, the whole layer exactly ``pruned_count(rows * d_in)``.
         """
-        return [self.pruned_count(rows * min(i1 + blocksize, d_in)) - self.pruned_count(rows * i1)
-                for i1 in range(0, d_in, blocksize)]
+        return [self.pruned_count(rows * min(i1 + mask_block, d_in)) - self.pruned_count(rows * i1)
+                for i1 in range(0, d_in, mask_block)]
 
     def check(self, d_in: int) -> None:
         """Raise if this pattern cannot be applied to rows of width ``d_in``."""
@@ -142,10 +142,10 @@ def mask_from_scores(scores: torch.Tensor, pattern: Pattern, scope: Literal["row
     raise ValueError(f"unknown scope {scope!r} for a score mask; use 'row' or 'layer'")
 
 
-def check_mask(keep: torch.Tensor, pattern: Pattern, scope: Scope = "row", blocksize: int = 128) -> None:
+def check_mask(keep: torch.Tensor, pattern: Pattern, scope: Scope = "row", mask_block: int = 128) -> None:
     """Raise if ``keep`` does not follow ``pattern`` exactly in ``scope`` (see the module docstring).
 
-    ``blocksize`` is the column block of the ``"block"`` scope. N:M masks are checked per group.
+    ``mask_block`` is the column block of the ``"block"`` scope. N:M masks are checked per group.
     """
     rows, d_in = keep.shape
     pruned = ~keep
@@ -160,9 +160,9 @@ def check_mask(keep: torch.Tensor, pattern: Pattern, scope: Scope = "row", block
         if int(pruned.sum()) != pattern.pruned_count(keep.numel()):
             raise AssertionError(f"mask prunes {int(pruned.sum())} weights, not {pattern.pruned_count(keep.numel())}")
     elif scope == "block":
-        counts = [int(pruned[:, i1:i1 + blocksize].sum()) for i1 in range(0, d_in, blocksize)]
-        expected = pattern.pruned_per_block(rows, d_in, blocksize)
+        counts = [int(pruned[:, i1:i1 + mask_block].sum()) for i1 in range(0, d_in, mask_block)]
+        expected = pattern.pruned_per_block(rows, d_in, mask_block)
         if counts != expected:
-            raise AssertionError(f"mask prunes {counts} weights per block of {blocksize} columns, not {expected}")
+            raise AssertionError(f"mask prunes {counts} weights per block of {mask_block} columns, not {expected}")
     else:
         raise ValueError(f"unknown scope {scope!r}; use 'row', 'block' or 'layer'")

@@ -72,7 +72,7 @@ def outlier_ratio(weights: list[torch.Tensor], norms: list[torch.Tensor], m: flo
 
 
 def owl_sparsities(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor], block_of: dict[str, int],
-                   sparsity: float, lamda: float = 0.08, m: float = 5.0) -> dict[str, float]:
+                   sparsity: float, owl_lambda: float = 0.08, owl_m: float = 5.0) -> dict[str, float]:
     """Per-layer sparsity by OWL: every layer gets its block's budget.
 
     ``weights`` are dense ``(out, in)`` weights, ``norms`` their inputs' ``||x_j||_2`` (from
@@ -80,23 +80,23 @@ def owl_sparsities(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tens
     reference pools every linear layer of a block, so pass them all, pruned or not.
 
     With ``D_b`` the outlier ratio of block ``b``, the reference's rule is
-    ``keep_b = (D_b - min D) / (max D - min D) * 2 * lamda``, shifted so that the mean of
+    ``keep_b = (D_b - min D) / (max D - min D) * 2 * owl_lambda``, shifted so that the mean of
     ``keep_b`` over blocks is ``1 - sparsity``; the block's sparsity is ``1 - keep_b``. The budgets
-    span exactly ``2 * lamda`` and their plain mean over blocks is ``sparsity``, so they lie within
-    ``sparsity +- 2 * lamda`` (within ``+- lamda``, as the paper states, only when the ratios sit
-    symmetrically about their mean). The parameter-weighted mean (the model's overall sparsity)
+    span exactly ``2 * owl_lambda`` and their plain mean over blocks is ``sparsity``, so they lie
+    within ``sparsity +- 2 * owl_lambda`` (within ``+- owl_lambda``, as the paper states, only when the
+    ratios sit symmetrically about their mean). The parameter-weighted mean (the model's overall sparsity)
     equals ``sparsity`` only when the blocks have equal parameter counts. Equal ratios give the
     uniform budget (the reference divides by zero there).
 
-    Raises ``ValueError`` for ``sparsity`` outside (0, 1), ``lamda < 0``, ``m <= 0``,
+    Raises ``ValueError`` for ``sparsity`` outside (0, 1), ``owl_lambda < 0``, ``owl_m <= 0``,
     mismatched inputs, or a budget outside (0, 1) (the reference would clip it to 0.01).
     """
     if not 0 < sparsity < 1:
         raise ValueError(f"OWL: sparsity must be in (0, 1), got {sparsity}")
-    if not lamda >= 0:
-        raise ValueError(f"OWL: lamda must be >= 0, got {lamda}")
-    if not m > 0:
-        raise ValueError(f"OWL: m (outlier threshold, times the mean score) must be > 0, got {m}")
+    if not owl_lambda >= 0:
+        raise ValueError(f"OWL: owl_lambda must be >= 0, got {owl_lambda}")
+    if not owl_m > 0:
+        raise ValueError(f"OWL: owl_m (outlier threshold, times the mean score) must be > 0, got {owl_m}")
     if not weights:
         raise ValueError("OWL: no layers given")
     if set(weights) != set(norms) or set(weights) != set(block_of):
@@ -107,14 +107,15 @@ def owl_sparsities(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tens
                              f"{tuple(norms[name].shape)}; expected (out, in) and (in,)")
     blocks = sorted(set(block_of.values()))
     ratios = torch.tensor([outlier_ratio([w for n, w in weights.items() if block_of[n] == b],
-                                         [norms[n] for n in weights if block_of[n] == b], m) for b in blocks],
+                                         [norms[n] for n in weights if block_of[n] == b], owl_m) for b in blocks],
                           dtype=torch.float64)
     spread = ratios.max() - ratios.min()
-    keep = (ratios - ratios.min()) / spread * 2 * lamda if spread > 0 else torch.zeros_like(ratios)
+    keep = (ratios - ratios.min()) / spread * 2 * owl_lambda if spread > 0 else torch.zeros_like(ratios)
     keep = keep - keep.mean() + (1 - sparsity)
     budget = {b: 1 - k for b, k in zip(blocks, keep.tolist())}
     for b, s in budget.items():
         if not 0 < s < 1:
             raise ValueError(f"OWL: block {b} would get sparsity {s:.4f}, outside (0, 1); "
-                             f"lower lamda ({lamda}) or move the target sparsity ({sparsity}) away from 0 and 1")
+                             f"lower owl_lambda ({owl_lambda}) or move the target sparsity ({sparsity}) away from "
+                             "0 and 1")
     return {name: budget[block_of[name]] for name in weights}

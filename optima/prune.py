@@ -24,7 +24,7 @@ from optima.solver import QPResult, resolve_method, solve_pinned
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 from optima.thanos import thanos
 
-# Selectors that update the weights as they choose the mask: (weight, H, pattern, blocksize, damp)
+# Selectors that update the weights as they choose the mask: (weight, H, pattern, mask_block, damp)
 # -> (updated weight, keep, damping). Their own update is named after the method ("sparsegpt", "thanos").
 GREEDY_SELECTORS = {"sparsegpt": sparsegpt, "sparsegpt-rowwise": sparsegpt_rowwise, "thanos": thanos}
 
@@ -107,7 +107,7 @@ def select_mask(w: torch.Tensor, h: torch.Tensor, pattern: Pattern,
                 config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor | None, Damping | None]:
     """The keep-mask of ``config.mask``; greedy selectors also return their updated weight and damping."""
     if config.mask in GREEDY_SELECTORS:
-        greedy, keep, damping = GREEDY_SELECTORS[config.mask](w, h, pattern, blocksize=config.blocksize,
+        greedy, keep, damping = GREEDY_SELECTORS[config.mask](w, h, pattern, mask_block=config.mask_block,
                                                               damp=config.damp)
         return keep, greedy, damping
     keep = magnitude_mask(w, pattern) if config.mask == "magnitude" else wanda_mask(w, h, pattern)

@@ -12,7 +12,7 @@ Preconditioners (applied after symmetric Jacobi scaling of H, which is always do
 - ``"jacobi"``: the scaling alone, i.e. diagonal preconditioning.
 - ``"ldl"`` (default on the CPU): the free-set restriction of a block LDL^T factorization of H
   (``optima.block_ldl``); like "hinv" it never understates a row's gap, costs about one matmul per
-  iteration and needs 30-56% fewer iterations than "hinv" on real layers (bench/README.md).
+  iteration and needs fewer iterations than "hinv" on real layers (bench/README.md measures both).
 - ``"hinv"``: the free-set block of the inverse of the damped, scaled H, shared by all
   rows. By the Schur identity ``(H_FF)^-1 = Hinv_FF - Hinv_FP (Hinv_PP)^-1 Hinv_PF``, so
   ``Hinv_FF`` is an approximate inverse whose error is a positive semidefinite
@@ -55,7 +55,7 @@ class SolverOptions:
             system) or "auto" (direct for small systems, PCG otherwise).
         preconditioner: "ldl" (free-set restriction of a block LDL^T factorization of the scaled
             Hessian, ``optima.block_ldl``), "hinv" (free-set block of the scaled inverse Hessian) or
-            "jacobi". null: "ldl" on the CPU, where it is measured fastest (bench/README.md), "hinv"
+            "jacobi". null: "ldl" on the CPU, the fastest there (bench/README.md), "hinv"
             on CUDA, where "ldl"'s 2 d / block_size thin matmuls per CG iteration (each a kernel
             launch, and a block loop that torch.compile unrolls) have not been measured yet.
         block_size: Block size of the "ldl" factorization: smaller blocks, fewer CG iterations but
@@ -75,8 +75,8 @@ class SolverOptions:
         memory_budget: Bytes for one batch of rows; null: a quarter of free accelerator memory,
             2 GiB on the CPU.
         check_every: CG iterations between convergence checks; null: 1 on the CPU (a check is free
-            there, and every iteration run after the last row converged is wasted: 12-20% of the
-            update time with 8, bench/README.md), 8 on CUDA (each check is a host sync).
+            there, and every iteration run after the last row converged is wasted), 8 on CUDA
+            (each check is a host sync).
         matmul: Precision of CG's matmuls. "full": the solve's ``dtype``. "bfloat16" or "tf32"
             (TF32 on CUDA only; elsewhere full precision): CG runs on low-precision copies of H and
             the preconditioner to a loose tolerance, and iterative refinement corrects the answer
@@ -209,7 +209,7 @@ def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: Pr
     ``scale``: with the gap rule r^T z against ``scale`` = the objective at the start (required);
     with the residual rule ||r||^2 against ``scale``, by default ||rhs||^2. With the eager step,
     rows that stopped leave the batch at each check, so the matmuls shrink as rows converge (the
-    rows of a layer stop up to a third of their iterations apart: bench/README.md).
+    rows of a layer stop many iterations apart: bench/README.md).
     Returns (x, iterations per row, converged per row, the final measure relative to its scale:
     the gap bound, or the relative residual).
     """
@@ -542,10 +542,9 @@ def resolve_method(method: str, keep: torch.Tensor, bounded: bool) -> str:
 def choose_method(d: int, smaller_set: int) -> str:
     """Direct Cholesky only for small systems.
 
-    Per row, a batched Cholesky costs k^3/3 flops at a fraction of matmul speed, PCG (gap rule)
-    5-40 iterations of two d^2 matmuls at full speed. Measured with the Wanda mask at 50% on one
-    CPU thread, direct / PCG time: 0.85 (64x64), 1.45 (172x64), 3.8 (64x172), 8.5 (256x256),
-    3.4 (384x384), 11.3 (576x576); so direct is kept for k^3/3 <= 3 d^2 (d up to ~70 at 50%).
+    Per row, a batched Cholesky of the smaller set (k inputs) costs k^3/3 flops at a fraction of
+    matmul speed, PCG a few tens of iterations of two d^2 matmuls at full speed; direct is kept for
+    k^3/3 <= 3 d^2 (the crossover measured in bench/README.md).
     """
     return "direct" if smaller_set ** 3 / 3 <= 3 * d * d else "pcg"
 

@@ -3,7 +3,7 @@
 Columns are visited left to right. A pruned column's error is compensated only into
 the columns to its right (through the upper Cholesky factor of H^-1), which is why
 the result is not the per-row optimum that OPTIMA computes for the same mask.
-Masks are chosen per block of ``blocksize`` columns from the weights as already
+Masks are chosen per block of ``mask_block`` columns from the weights as already
 updated by earlier blocks (the paper's lazy-batch scheme), on the OBS saliency
 w^2 / [chol(H^-1)]_jj^2: for unstructured sparsity with one threshold over all rows
 of the block, as the reference code does (``sparsegpt``; rows end up unevenly
@@ -61,7 +61,7 @@ def _prune_block(block: torch.Tensor, u_block: torch.Tensor, keep_block: torch.T
 
 
 @torch.no_grad()
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, blocksize: int = 128,
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, mask_block: int = 128,
               damp: float = 0.01, scope: Literal["block", "row"] = "block"
               ) -> tuple[torch.Tensor, torch.Tensor, Damping]:
     """Prune ``weight`` with SparseGPT; return (updated weight, keep-mask, damping used).
@@ -79,15 +79,15 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, 
     rows, d_in = weight.shape
     pattern.check(d_in)
     if pattern.structured:
-        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
+        mask_block = max(pattern.m, mask_block // pattern.m * pattern.m)
     upper, damping = _inverse_cholesky(hessian, damp)
 
     w = weight.to(upper.dtype).clone()
     keep = torch.ones(rows, d_in, dtype=torch.bool, device=w.device)
     # weights each block loses: over all its rows together, or in each row (rows=1 gives the per-row share)
-    drops = pattern.pruned_per_block(rows if scope == "block" else 1, d_in, blocksize)
-    for i1, drop in zip(range(0, d_in, blocksize), drops):
-        i2 = min(i1 + blocksize, d_in)
+    drops = pattern.pruned_per_block(rows if scope == "block" else 1, d_in, mask_block)
+    for i1, drop in zip(range(0, d_in, mask_block), drops):
+        i2 = min(i1 + mask_block, d_in)
         block = w[:, i1:i2].clone()
         errors = _prune_block(block, upper[i1:i2, i1:i2], keep[:, i1:i2], pattern, drop, scope)
         w[:, i1:i2] = block
@@ -96,7 +96,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, 
     return w, keep, damping
 
 
-def sparsegpt_rowwise(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, blocksize: int = 128,
+def sparsegpt_rowwise(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, mask_block: int = 128,
                       damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, Damping]:
     """SparseGPT with the same number of weights pruned in every row (not the reference rule)."""
-    return sparsegpt(weight, hessian, pattern, blocksize=blocksize, damp=damp, scope="row")
+    return sparsegpt(weight, hessian, pattern, mask_block=mask_block, damp=damp, scope="row")

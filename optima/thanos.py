@@ -1,6 +1,6 @@
 """Thanos (Ilin & Richtarik 2025, arXiv 2504.05346): block-wise pruning, Wanda metric, joint block update.
 
-Columns are visited left to right in blocks of ``blocksize``. At each block:
+Columns are visited left to right in blocks of ``mask_block``. At each block:
 
 1. Score the weights as they are now (already moved by earlier blocks) with Wanda's
    metric ``|w_ij| * ||X_j||`` (``||X_j||^2`` = undamped ``H_jj``).
@@ -14,7 +14,7 @@ Columns are visited left to right in blocks of ``blocksize``. At each block:
    ``w <- w - Hinv[:, S] (Hinv[S, S])^-1 w_S`` with ``Hinv`` the inverse of the damped
    ``H`` restricted to those columns; columns left of the block stay as they are.
    It is the exact least-squares optimum given the frozen columns, so with one block
-   (``blocksize >= d_in``) it equals OPTIMA's update for the same mask.
+   (``mask_block >= d_in``) it equals OPTIMA's update for the same mask.
 
 Differences from the reference code (github vectozavr/thanos, ``lib/thanos.py``) and why:
 
@@ -33,7 +33,7 @@ Differences from the reference code (github vectozavr/thanos, ``lib/thanos.py``)
 - N:M prunes ``M - N`` per group (the reference prunes its ``prune_n`` per group and assumes
   half of each block pruned: the same for 2:4 and 4:8). The reference's block size 1 switches
   to a different, SparseGPT-like routine; here block size 1 is the same rule with 1-column blocks.
-- The reference's default block size is 512 (``main.py``); here it is the caller's ``blocksize``.
+- The reference's default block size is 512 (``main.py``); here it is the caller's ``mask_block``.
 - The budget: the reference evaluates ``sparsity * rows * cols`` left to right, which in rare float
   cases floors one lower (0.15 * 3 * 100 -> 44); ``rows * d_in * sparsity`` gives 45, the count the
   other layer-wide selectors here use.
@@ -51,7 +51,7 @@ _CHUNK_ELEMENTS = 1 << 24  # rows x |S| x |S| entries of the per-row systems fac
 
 
 @torch.no_grad()
-def thanos(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, blocksize: int = 128,
+def thanos(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, mask_block: int = 128,
            damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, Damping]:
     """Prune ``weight`` (rows, d_in) with Thanos; return (updated weight, keep-mask, damping used).
 
@@ -60,16 +60,16 @@ def thanos(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, blo
     """
     d_in = weight.shape[1]
     pattern.check(d_in)
-    if blocksize < 1:
-        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    if mask_block < 1:
+        raise ValueError(f"mask_block must be positive, got {mask_block}")
     if pattern.structured:
-        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
+        mask_block = max(pattern.m, mask_block // pattern.m * pattern.m)
     norms = column_norms(hessian)
     h, damping = damp_hessian(hessian, damp)
     for _ in range(_TRIES):
         upper = _inverse_upper_factor(h)
         if upper is not None:
-            result = _prune(weight.to(h.dtype), norms, upper, pattern, blocksize)
+            result = _prune(weight.to(h.dtype), norms, upper, pattern, mask_block)
             if result is not None:
                 return (*result, damping)
         h, damping = add_damping(h, damping)
@@ -82,7 +82,7 @@ def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
 
     With ``J`` the index reversal, ``J H J = L L^T`` gives ``H = (J L J)(J L J)^T`` with ``J L J``
     upper, so ``U = J L^-1 J``: one Cholesky and one triangular inverse, ``H^-1`` never formed
-    (``torch.cholesky_inverse`` also runs ~100x slower multi-threaded on a busy CPU at d = 1536).
+    (``torch.cholesky_inverse`` is much slower multi-threaded on a busy CPU).
     """
     lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if info.item() != 0 or not torch.isfinite(lower).all():
@@ -93,14 +93,14 @@ def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
 
 
 def _prune(weight: torch.Tensor, norms: torch.Tensor, upper: torch.Tensor, pattern: Pattern,
-           blocksize: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+           mask_block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The block loop; None if some row's system does not factor (the caller adds damping)."""
     rows, d_in = weight.shape
     w = weight.clone()
     keep = torch.ones(rows, d_in, dtype=torch.bool, device=w.device)
     remaining = int(rows * d_in * pattern.sparsity)  # unstructured: the layer's budget still to prune
-    for i1 in range(0, d_in, blocksize):
-        i2 = min(i1 + blocksize, d_in)
+    for i1 in range(0, d_in, mask_block):
+        i2 = min(i1 + mask_block, d_in)
         scores = w[:, i1:].abs() * norms[i1:]
         if pattern.structured:
             prune = ~prune_nm(scores[:, :i2 - i1], pattern)

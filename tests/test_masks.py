@@ -111,13 +111,13 @@ def test_sparsegpt_mask_uses_obs_saliency_in_its_first_block():
     weight = torch.randn(12, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     hessian = correlated_hessian(64, dead=0, seed=5, outlier_scale=10.0)
     pattern = parse_pattern("unstructured", 0.5)
-    _, keep, damping = sparsegpt(weight, hessian, pattern, blocksize=64, damp=0.01)
+    _, keep, damping = sparsegpt(weight, hessian, pattern, mask_block=64, damp=0.01)
     damped = hessian + damping.value * torch.eye(64, dtype=torch.float64)
     upper = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
     saliency = weight.pow(2) / upper.diagonal().pow(2)
     assert lowest_are_pruned(saliency.reshape(1, -1), keep.reshape(1, -1))
     assert int((~keep).sum()) == 12 * 32 and (~keep).sum(1).unique().numel() > 1
-    _, keep_rows, _ = sparsegpt_rowwise(weight, hessian, pattern, blocksize=64, damp=0.01)
+    _, keep_rows, _ = sparsegpt_rowwise(weight, hessian, pattern, mask_block=64, damp=0.01)
     assert lowest_are_pruned(saliency, keep_rows)
     assert ((~keep_rows).sum(1) == 32).all()
 
@@ -141,7 +141,7 @@ def test_sparsegpt_update_matches_sequential_obs_reference(pattern, sparsity, sc
     d = 64
     weight = torch.randn(8, d, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     hessian = correlated_hessian(d, dead=0, seed=7, outlier_scale=10.0, decay=1e-2)
-    updated, keep, damping = sparsegpt(weight, hessian, parse_pattern(pattern, sparsity), blocksize=16, damp=0.01,
+    updated, keep, damping = sparsegpt(weight, hessian, parse_pattern(pattern, sparsity), mask_block=16, damp=0.01,
                                        scope=scope)
     damped = hessian + damping.value * torch.eye(d, dtype=torch.float64)
     expected = weight.clone()
@@ -152,7 +152,7 @@ def test_sparsegpt_update_matches_sequential_obs_reference(pattern, sparsity, sc
     assert (expected[~keep].abs() < 1e-9).all()
     torch.testing.assert_close(updated, expected * keep, rtol=1e-8, atol=1e-10)
     if pattern == "2:4":  # lazy batching is exact: the block size changes nothing
-        again, keep_again, _ = sparsegpt(weight, hessian, parse_pattern(pattern, sparsity), blocksize=64)
+        again, keep_again, _ = sparsegpt(weight, hessian, parse_pattern(pattern, sparsity), mask_block=64)
         assert torch.equal(keep_again, keep)
         torch.testing.assert_close(again, updated, rtol=1e-10, atol=1e-12)
 
@@ -191,8 +191,8 @@ def test_check_mask_catches_broken_masks():
     check_mask(uneven & torch.tensor([[True, True, True, True], [True, True, False, True]]), half, "layer")
     balanced = torch.tensor([[False, False, True, True], [False, True, False, True]])  # blocks of 2: 3 and 1
     with pytest.raises(AssertionError, match=r"\[3, 1\] weights per block of 2 columns, not \[2, 2\]"):
-        check_mask(balanced, half, "block", blocksize=2)
-    check_mask(balanced, half, "block", blocksize=4)
+        check_mask(balanced, half, "block", mask_block=2)
+    check_mask(balanced, half, "block", mask_block=4)
     check_mask(balanced, half, "layer")
     with pytest.raises(ValueError, match="unknown scope"):
         check_mask(balanced, half, "column")

@@ -34,25 +34,25 @@ def test_hand_computed_example():
                "b2.b": torch.ones(1, 14)}
     norms = {"b0": torch.ones(2), "b1": torch.tensor([1.0, 3.0]), "b2.a": torch.ones(2), "b2.b": torch.ones(14)}
     block_of = {"b0": 0, "b1": 1, "b2.a": 2, "b2.b": 2}
-    # ratios 0, 1/4, 2/16 -> keep (0, .2, .1) for lamda .1 -> minus mean .1, plus 1 - .6 -> sparsity .7, .5, .6
-    budgets = owl_sparsities(weights, norms, block_of, sparsity=0.6, lamda=0.1, m=2.0)
+    # ratios 0, 1/4, 2/16 -> keep (0, .2, .1) for owl_lambda .1 -> minus mean .1, plus 1 - .6 -> sparsity .7, .5, .6
+    budgets = owl_sparsities(weights, norms, block_of, sparsity=0.6, owl_lambda=0.1, owl_m=2.0)
     assert budgets == pytest.approx({"b0": 0.7, "b1": 0.5, "b2.a": 0.6, "b2.b": 0.6}, abs=1e-12)
     # the threshold is the mean of the block's layers pooled, not each layer's own mean (that would give 0)
     assert outlier_ratio([weights["b2.a"], weights["b2.b"]], [norms["b2.a"], norms["b2.b"]], m=2.0) == 2 / 16
     assert outlier_ratio([weights["b2.a"]], [norms["b2.a"]], m=2.0) == 0.0
 
 
-@pytest.mark.parametrize("sparsity,lamda", [(0.5, 0.08), (0.7, 0.08), (0.3, 0.2)])
-def test_budgets_average_to_target_and_span_two_lamda(sparsity, lamda):
+@pytest.mark.parametrize("sparsity,owl_lambda", [(0.5, 0.08), (0.7, 0.08), (0.3, 0.2)])
+def test_budgets_average_to_target_and_span_two_lamda(sparsity, owl_lambda):
     weights, norms, block_of = _blocks(6)
-    per_block = _per_block(owl_sparsities(weights, norms, block_of, sparsity, lamda), block_of)
+    per_block = _per_block(owl_sparsities(weights, norms, block_of, sparsity, owl_lambda), block_of)
     assert per_block.mean().item() == pytest.approx(sparsity, abs=1e-9)
-    assert (per_block.max() - per_block.min()).item() == pytest.approx(2 * lamda, abs=1e-9)
-    assert per_block.min() >= sparsity - 2 * lamda - 1e-12 and per_block.max() <= sparsity + 2 * lamda + 1e-12
+    assert (per_block.max() - per_block.min()).item() == pytest.approx(2 * owl_lambda, abs=1e-9)
+    assert per_block.min() >= sparsity - 2 * owl_lambda - 1e-12 and per_block.max() <= sparsity + 2 * owl_lambda + 1e-12
 
 
 def test_one_outlier_block_can_leave_the_paper_range():
-    """The shift centres the mean, not the range: one outlier block among equal ones gets target - 1.5 lamda."""
+    """The shift centres the mean, not the range: one outlier block among equal ones gets target - 1.5 owl_lambda."""
     weights, norms, block_of = _blocks(1)
     weights = {f"{n}.{b}": w for b in range(4) for n, w in weights.items()}
     norms = {f"{n}.{b}": v.clone() for b in range(4) for n, v in norms.items()}
@@ -86,8 +86,8 @@ def test_equal_ratios_give_uniform_budgets():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"sparsity": 0.0}, "sparsity must be in"), ({"sparsity": 1.0}, "sparsity must be in"),
-    ({"lamda": -0.01}, "lamda"), ({"m": 0.0}, "m "),
-    ({"sparsity": 0.95, "lamda": 0.08}, "outside"),
+    ({"owl_lambda": -0.01}, "owl_lambda"), ({"owl_m": 0.0}, "owl_m "),
+    ({"sparsity": 0.95, "owl_lambda": 0.08}, "outside"),
 ])
 def test_bad_input_raises(kwargs, match):
     weights, norms, block_of = _blocks(3)

@@ -104,7 +104,7 @@ def test_a_pattern_the_layer_width_does_not_fit_is_rejected(layer, pattern, matc
     ({"layer_sparsity": {"(": 0.5}}, "layer_sparsity"),
     ({"targets": ["["]}, "targets"),
     ({"ignore": ["("]}, "ignore"),
-    ({"blocksize": 0}, "blocksize"),
+    ({"mask_block": 0}, "mask_block"),
     ({"hessian_dtype": "float16"}, "hessian_dtype"),
 ])
 def test_prune_config_errors_name_the_option(kwargs, option):

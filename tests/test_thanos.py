@@ -15,7 +15,7 @@ DIRECT = SolverOptions(method="direct", dtype="float64", compile=False)
 
 
 def slow_thanos(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
-                blocksize: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                mask_block: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's loop, one row and one block at a time, float64, trailing inverses computed afresh."""
     h, _ = damp_hessian(hessian.double(), damp)
     w = weight.double().clone()
@@ -23,8 +23,8 @@ def slow_thanos(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm
     keep = torch.ones(rows, d, dtype=torch.bool)
     norm = hessian.double().diagonal().clamp_min(0).sqrt()
     budget = int(rows * d * sparsity)
-    for i1 in range(0, d, blocksize):
-        i2 = min(i1 + blocksize, d)
+    for i1 in range(0, d, mask_block):
+        i2 = min(i1 + mask_block, d)
         hinv = torch.linalg.inv(h[i1:, i1:])           # the columns left of the block are frozen
         score = w[:, i1:].abs() * norm[i1:]
         if nm is None:                                  # the budget's lowest scores over all remaining weights
@@ -53,8 +53,8 @@ def problem(rows: int, d: int, seed: int, dtype: torch.dtype = torch.float64, **
 @pytest.mark.parametrize("pattern,nm", [("unstructured", None), ("2:4", (2, 4)), ("4:8", (4, 8)), ("1:4", (1, 4))])
 def test_matches_a_slow_loop_of_the_reference_rule(pattern, nm):
     weight, hessian = problem(10, 72, seed=0)           # 72 = 32 + 32 + 8: a short last block
-    new, keep, damping = thanos(weight, hessian, parse_pattern(pattern, None if nm else 0.5), blocksize=32)
-    slow_w, slow_keep = slow_thanos(weight, hessian, 0.5, nm, blocksize=32)
+    new, keep, damping = thanos(weight, hessian, parse_pattern(pattern, None if nm else 0.5), mask_block=32)
+    slow_w, slow_keep = slow_thanos(weight, hessian, 0.5, nm, mask_block=32)
     assert torch.equal(keep, slow_keep)
     torch.testing.assert_close(new, slow_w, rtol=0, atol=1e-10)
     assert new.dtype == torch.float64 and damping.dead_inputs == 1
@@ -63,7 +63,8 @@ def test_matches_a_slow_loop_of_the_reference_rule(pattern, nm):
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_unstructured_meets_the_layer_budget_with_uneven_rows(sparsity):
     weight, hessian = problem(24, 100, seed=3, dtype=torch.float32)
-    result = prune_weight(weight, hessian, PruneConfig(sparsity=sparsity, mask="thanos", update="thanos", blocksize=32))
+    result = prune_weight(weight, hessian,
+                          PruneConfig(sparsity=sparsity, mask="thanos", update="thanos", mask_block=32))
     pruned = (~result.keep).sum(1)
     assert int(pruned.sum()) == int(24 * 100 * sparsity)   # one budget for the layer (0.3: 720, not 719)
     assert pruned.min() < pruned.max()                      # ... not the same count in every row
@@ -87,13 +88,13 @@ def test_nm_groups_are_exact(pattern):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_one_block_is_the_exact_optimum_for_its_mask(pattern):
     weight, hessian = problem(16, 64, seed=5)
-    new, keep, _ = thanos(weight, hessian, parse_pattern(pattern, 0.5), blocksize=64)
+    new, keep, _ = thanos(weight, hessian, parse_pattern(pattern, 0.5), mask_block=64)
     torch.testing.assert_close(new, exact_update(weight, hessian, keep, 0.01), rtol=0, atol=1e-10)
 
 
-def objectives(weight: torch.Tensor, hessian: torch.Tensor, pattern: str, blocksize: int) -> dict[str, float]:
+def objectives(weight: torch.Tensor, hessian: torch.Tensor, pattern: str, mask_block: int) -> dict[str, float]:
     """Undamped and damped objectives of no update, Thanos' update and OPTIMA's, all on Thanos' mask."""
-    new, keep, damping = thanos(weight, hessian, parse_pattern(pattern, 0.5), blocksize=blocksize)
+    new, keep, damping = thanos(weight, hessian, parse_pattern(pattern, 0.5), mask_block=mask_block)
     optima = prune_weight(weight, hessian, PruneConfig(update="optima", solver=DIRECT), keep=keep)
     assert damping.value == optima.stats.damping
     none = weight * keep
@@ -108,7 +109,7 @@ def objectives(weight: torch.Tensor, hessian: torch.Tensor, pattern: str, blocks
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_update_beats_none_and_optima_beats_it_on_correlated_hessians(seed, decay, pattern):
     weight, hessian = problem(32, 96, seed=seed, decay=decay)
-    obj = objectives(weight, hessian, pattern, blocksize=32)
+    obj = objectives(weight, hessian, pattern, mask_block=32)
     assert obj["thanos"] < 0.9 * obj["none"]
     assert obj["optima"] <= obj["thanos"] * (1 + 1e-9)
     assert obj["optima_damped"] <= obj["thanos_damped"] * (1 + 1e-9)
@@ -117,7 +118,7 @@ def test_update_beats_none_and_optima_beats_it_on_correlated_hessians(seed, deca
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_update_beats_none_and_optima_beats_it_on_minilm_layers(minilm_layers, pattern):
     for name, (weight, hessian) in minilm_layers.items():
-        obj = objectives(weight[:32].double(), hessian, pattern, blocksize=128)   # 32 rows: the exact solve is slow
+        obj = objectives(weight[:32].double(), hessian, pattern, mask_block=128)   # 32 rows: the exact solve is slow
         assert obj["thanos"] < obj["none"], name
         assert obj["optima"] <= obj["thanos"] * (1 + 1e-9), name
         assert obj["optima_damped"] <= obj["thanos_damped"] * (1 + 1e-9), name
@@ -128,7 +129,7 @@ def test_dead_inputs_and_a_singular_hessian_escalate_damping():
     x = torch.randn(20, 48, generator=g)                   # 20 tokens for 48 inputs: H has rank 20
     x[:, -4:] = 0.0                                        # and 4 dead inputs
     weight = torch.randn(8, 48, generator=g)
-    new, keep, damping = thanos(weight, x.T @ x / 20, parse_pattern("unstructured", 0.5), blocksize=16, damp=0.0)
+    new, keep, damping = thanos(weight, x.T @ x / 20, parse_pattern("unstructured", 0.5), mask_block=16, damp=0.0)
     assert damping.value > 0 and damping.dead_inputs == 4
     assert not keep[:, -4:].any()                          # they score 0: pruned first
     assert torch.isfinite(new).all() and new.dtype == torch.float32 and (new[~keep] == 0).all()
