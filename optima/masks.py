@@ -15,6 +15,7 @@ each block of columns, SparseGPT). Counts are floored, as the references do.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,14 +104,28 @@ def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float() * norms.float().to(weight.device)
 
 
+# The selectors that rank weights by a score alone: name -> score(weight, hessian). A new selector of this
+# kind is a function here, its entry in SCORES, MASK_SELECTORS and MASK_SCOPES, and its name in config.Mask.
+SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    "magnitude": lambda weight, _hessian: magnitude_scores(weight),
+    "wanda": lambda weight, hessian: wanda_scores(weight, column_norms(hessian)),
+}
+
+
+def score_mask(selector: str, weight: torch.Tensor, hessian: torch.Tensor | None, pattern: Pattern) -> torch.Tensor:
+    """Keep-mask of a score selector (``SCORES``): its lowest scores pruned within its ``MASK_SCOPES`` scope
+    (or within each N:M group)."""
+    return mask_from_scores(SCORES[selector](weight, hessian), pattern, scope=MASK_SCOPES[selector])
+
+
 def magnitude_mask(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Keep-mask of the magnitude selector: lowest |W| of the whole layer (or of each N:M group)."""
-    return mask_from_scores(magnitude_scores(weight), pattern, scope="layer")
+    return score_mask("magnitude", weight, None, pattern)
 
 
 def wanda_mask(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Keep-mask of Wanda: lowest |W| * ||X_col|| pruned within each output row (or N:M group)."""
-    return mask_from_scores(wanda_scores(weight, column_norms(hessian)), pattern, scope="row")
+    return score_mask("wanda", weight, hessian, pattern)
 
 
 def prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from optima.block_ldl import keep_rate_order
 from optima.config import OWN_UPDATES, PruneConfig
 from optima.hessian import Damping, damp_hessian
 from optima.linalg import reconstruction_error
-from optima.masks import Pattern, magnitude_mask, wanda_mask
+from optima.masks import Pattern, score_mask
 from optima.refine import refine_mask
 from optima.share import RowShare
 from optima.solver import QPResult, resolve_method, solve_pinned
@@ -110,8 +110,7 @@ def select_mask(w: torch.Tensor, h: torch.Tensor, pattern: Pattern,
         greedy, keep, damping = GREEDY_SELECTORS[config.mask](w, h, pattern, mask_block=config.mask_block,
                                                               damp=config.damp)
         return keep, greedy, damping
-    keep = magnitude_mask(w, pattern) if config.mask == "magnitude" else wanda_mask(w, h, pattern)
-    return keep, None, None
+    return score_mask(config.mask, w, h, pattern), None, None
 
 
 @torch.no_grad()

@@ -8,8 +8,8 @@ import torch
 from conftest import correlated_hessian
 from optima import Pattern, parse_pattern, prune_weight
 from optima.config import PruneConfig
-from optima.masks import (MASK_SCOPES, check_mask, column_norms, magnitude_scores, mask_from_scores,
-                          wanda_scores)
+from optima.masks import (MASK_SCOPES, MASK_SELECTORS, SCORES, check_mask, column_norms, magnitude_scores,
+                          mask_from_scores, wanda_scores)
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 
 
@@ -196,3 +196,9 @@ def test_check_mask_catches_broken_masks():
     check_mask(balanced, half, "layer")
     with pytest.raises(ValueError, match="unknown scope"):
         check_mask(balanced, half, "column")
+
+
+def test_every_selector_is_either_a_score_or_a_greedy_selector_with_a_scope():
+    from optima.prune import GREEDY_SELECTORS
+
+    assert sorted([*SCORES, *GREEDY_SELECTORS]) == sorted(MASK_SELECTORS) == sorted(MASK_SCOPES)
