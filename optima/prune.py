@@ -188,12 +188,19 @@ def _keep_the_better(new: torch.Tensor, masked: torch.Tensor, objective: Callabl
     return new
 
 
+def _own_rows(w: torch.Tensor, config: PruneConfig,
+              share: RowShare | None) -> tuple[slice, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The rows of ``w`` this process solves (all of them without ``share``) and, with ``keep_row_range``,
+    each one's original [min, max]."""
+    rows = slice(None) if share is None else share.span(w.shape[0])
+    return rows, ((w[rows].amin(1), w[rows].amax(1)) if config.keep_row_range else None)
+
+
 def _refine(w: torch.Tensor, h: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, new: torch.Tensor,
             pattern: Pattern, damping: Damping, config: PruneConfig, stats: PruneStats,
             share: RowShare | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``config.mask_rounds`` rounds of mask refinement on this process's rows, then all rows joined."""
-    rows = slice(None) if share is None else share.span(w.shape[0])
-    weight_range = (w[rows].amin(1), w[rows].amax(1)) if config.keep_row_range else None
+    rows, weight_range = _own_rows(w, config, share)
     result = refine_mask(w[rows], h, damped, keep[rows], new[rows], pattern, damping, config.solver,
                          config.mask_rounds, weight_range=weight_range, order=keep_rate_order(keep))
     pad = config.mask_rounds + 1 - len(result.objectives)   # stopped early: the rest stands still
@@ -216,11 +223,10 @@ def _refine(w: torch.Tensor, h: torch.Tensor, damped: torch.Tensor, keep: torch.
 def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, damping: Damping,
                    config: PruneConfig, stats: PruneStats, share: RowShare | None) -> torch.Tensor:
     """Solve the pinned QP for every row (this process's share of them) and record how the solver did."""
-    rows, options = slice(None), config.solver
+    rows, weight_range = _own_rows(w, config, share)
+    options = config.solver
     if share is not None:  # every process must take the same path: choose it from the whole mask
-        rows = share.span(w.shape[0])
         options = replace(options, method=resolve_method(options.method, keep, config.keep_row_range))
-    weight_range = (w[rows].amin(1), w[rows].amax(1)) if config.keep_row_range else None
     result = solve_pinned(damped, w[rows], keep[rows], damping, options, weight_range, keep_rate_order(keep))
     if share is not None:
         result = _gathered(result, share, w.shape[0])
