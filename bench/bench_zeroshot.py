@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["SmolLM2-135M", "stories260K"], default="SmolLM2-135M")
     parser.add_argument("--tasks", nargs="*", default=list(PAPER_SUITE), choices=list(PAPER_SUITE))
     parser.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
-    parser.add_argument("--batch-size", type=int, default=128, help="our sequences per forward pass (at most 1024 tokens)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="our sequences per forward pass (at most 1024 tokens)")
     parser.add_argument("--hflm-batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None, help="save the figures here")
     args = parser.parse_args()
@@ -105,8 +106,9 @@ def main() -> None:
                       f"{r['decisions_differing']} ({r['of_which_near_ties']})")
     console.print(table)
     if args.json:
-        write_atomic(args.json, json.dumps({"model": args.model, "limit": args.limit, "threads": torch.get_num_threads(),
-                                            "tasks": rows, "total": total}, indent=1))
+        figures = {"model": args.model, "limit": args.limit, "threads": torch.get_num_threads(), "tasks": rows,
+                   "total": total}
+        write_atomic(args.json, json.dumps(figures, indent=1))
     if total["decisions_differing"] != total["of_which_near_ties"]:
         sys.exit("decisions differ beyond near ties")
 

@@ -186,7 +186,8 @@ def measure(bench, patterns: list[str], methods: list[str], resume: bool, consol
                                                  "suite" in rows[key]["metrics"])
 
     def weights(key: tuple) -> Path | None:
-        return None if models_dir is None else models_dir / f"{bench.name}-{key[0].replace(':', 'of').replace('%', 'pc')}-{key[1]}-seed{key[2]}.safetensors"
+        pattern = key[0].replace(":", "of").replace("%", "pc")
+        return None if models_dir is None else models_dir / f"{bench.name}-{pattern}-{key[1]}-seed{key[2]}.safetensors"
 
     if not complete(("-", "dense", 0)):
         record({"pattern": "-", "method": "dense", "metrics": bench.score(bench.dense, zero_shot), "error": 0.0,
@@ -268,7 +269,8 @@ def suite_markdown(saved: dict) -> str | None:
         cells = [_points(suite[t][suite[t]["metric"]], suite[t][f"{suite[t]['metric']}_stderr"]) for t in tasks]
         baseline = rows.get((key[0], WITHOUT_OPTIMA.get(key[1], "")))
         versus = _points(*suite_difference(baseline["metrics"]["suite"], suite)["mean"]) if baseline else "-"
-        to_dense = _points(*suite_difference(dense["metrics"]["suite"], suite)["mean"]) if key != ("-", "dense") else "-"
+        is_dense = key == ("-", "dense")
+        to_dense = "-" if is_dense else _points(*suite_difference(dense["metrics"]["suite"], suite)["mean"])
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {_points(*suite_mean(suite))} | "
                      f"{versus} | {to_dense} |")
     return "\n".join(lines) + "\n"

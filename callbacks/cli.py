@@ -290,8 +290,8 @@ class OptimaCLI(LightningCLI):
             return
         report = json.loads(Path(path).read_text())
         suites = {name: suite for name, suite in self.suites.items() if suite}
-        report["evaluation"] = {"protocol": self.datamodule.protocol() if hasattr(self.datamodule, "protocol") else None,
-                                **{name: metrics for name, metrics in columns.items()}}
+        protocol = self.datamodule.protocol() if hasattr(self.datamodule, "protocol") else None
+        report["evaluation"] = {"protocol": protocol, **columns}
         if suites:
             report["evaluation"]["zero_shot"] = suite_report(suites)
         write_atomic(path, json.dumps(report, indent=2))

@@ -290,8 +290,9 @@ def _forward_shared(model: nn.Module, cache_name: str, items: list[list[Request]
         prefix_mask[row, :n] = 1
     cache = getattr(model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask, use_cache=True,
                           logits_to_keep=1), cache_name)
-    suffixes = sorted(((row, Request(r.item, r.choice, r.tokens[n:], r.continuation))
-                       for row, (rs, n) in enumerate(zip(items, prefixes)) for r in rs), key=lambda s: -len(s[1].tokens))
+    suffixes = [(row, Request(r.item, r.choice, r.tokens[n:], r.continuation))
+                for row, (rs, n) in enumerate(zip(items, prefixes)) for r in rs]
+    suffixes.sort(key=lambda s: -len(s[1].tokens))
     starts = torch.tensor(prefixes, device=device)
     for first, end in _budget_chunks([len(r.tokens) - 1 for _, r in suffixes], rows, tokens):
         chunk = suffixes[first:end]
@@ -398,7 +399,8 @@ def evaluate_choices(model: nn.Module, tokenizer, items: Sequence[ChoiceItem] | 
 
 def evaluate_suite(model: nn.Module, tokenizer, tasks: Mapping[str, str] = PAPER_SUITE, *, limit: int | None = None,
                    batch_size: int = 128, batch_tokens: int = 1024, bos: bool | int | None = None,
-                   max_length: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
+                   max_length: int | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
     """Zero-shot accuracy of a causal LM on lm-eval tasks read from local files, as lm-eval scores them.
 
     ``tasks``: ``{lm-eval task name: JSONL file in its hub row schema}`` (``assets:`` specs allowed;

@@ -13,6 +13,7 @@ import math
 import os
 
 import pytest
+from conftest import require_assets, require_module
 
 from optima.lmeval import SHIPPED_TASKS, write_local_tasks
 from optima.loading import assets_dir
@@ -57,6 +58,8 @@ HUB_ROWS = {
 def stories():
     from optima.llama2c import load_llama2c, load_llama2c_tokenizer
 
+    require_assets("stories260K/stories260K.bin", "stories260K/tok512.bin", *(p.removeprefix("assets:") for p in
+                                                                              PAPER_SUITE.values()))
     folder = assets_dir() / "stories260K"
     return load_llama2c(folder / "stories260K.bin"), load_llama2c_tokenizer(folder / "tok512.bin")
 
@@ -93,7 +96,7 @@ def assert_same_as_lm_eval(ours: dict[str, dict], theirs: dict) -> None:
 
 
 def test_paper_suite_matches_lm_eval_on_the_real_files(stories, tmp_path):
-    pytest.importorskip("lm_eval")
+    require_module("lm_eval")
     model, tokenizer = stories
     assert _cache_argument(model) is not None   # the shared-prefix path is the one compared
     ours = evaluate_suite(model, tokenizer, PAPER_SUITE, limit=FIRST, batch_size=7)
@@ -102,7 +105,7 @@ def test_paper_suite_matches_lm_eval_on_the_real_files(stories, tmp_path):
 
 
 def test_hub_schema_rows_of_boolq_rte_hellaswag_match_lm_eval(stories, tmp_path):
-    pytest.importorskip("lm_eval")
+    require_module("lm_eval")
     model, tokenizer = stories
     files = {}
     for name, rows in HUB_ROWS.items():
@@ -122,7 +125,7 @@ def test_shipped_yamls_are_the_generated_ones_and_run_from_the_repository(storie
     for name, spec in TASKS.items():
         shipped = (SHIPPED_TASKS / f"{name}_local.yaml").read_text()
         assert shipped == task_yaml(name, f"../shared/assets/zeroshot/{name}/{spec.split}.jsonl")
-    pytest.importorskip("lm_eval")
+    require_module("lm_eval")
     from optima.lmeval import run_lm_eval
 
     monkeypatch.chdir(SHIPPED_TASKS.parent.parent)   # the repository root: the YAMLs' data paths start there

@@ -8,6 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from conftest import require_assets, require_module
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
@@ -58,8 +59,10 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-ITEMS = [ChoiceItem.with_endings("a b c d e a b", (" c", " d e a b c"), 1), ChoiceItem.with_endings("c", (" a", " b", " e e"), 2),
-         ChoiceItem.with_endings("d e ", ("a b c d", "e", "c c"), 0), ChoiceItem.with_endings("b a b a b a b a b a", (" e", " d"), 0)]
+ITEMS = [ChoiceItem.with_endings("a b c d e a b", (" c", " d e a b c"), 1),
+         ChoiceItem.with_endings("c", (" a", " b", " e e"), 2),
+         ChoiceItem.with_endings("d e ", ("a b c d", "e", "c c"), 0),
+         ChoiceItem.with_endings("b a b a b a b a b a", (" e", " d"), 0)]
 
 
 def direct_loglikelihood(model: nn.Module, context: str, choice: str) -> float:
@@ -248,12 +251,11 @@ metric_list:
 
 
 def test_agrees_with_lm_eval_on_hellaswag_items(tmp_path, monkeypatch):
-    pytest.importorskip("lm_eval")
+    require_module("lm_eval")
+    require_assets("hellaswag-2way/dev.jsonl", "stories260K/stories260K.bin", "stories260K/tok512.bin")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     source, model_file = assets_dir() / "hellaswag-2way" / "dev.jsonl", assets_dir() / "stories260K" / "stories260K.bin"
-    if not source.is_file() or not model_file.is_file():
-        pytest.skip(f"hellaswag-2way or stories260K missing under {assets_dir()}")
     from optima.llama2c import load_llama2c, load_llama2c_tokenizer
     from optima.lmeval import run_lm_eval, task_metrics
 
