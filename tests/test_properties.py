@@ -29,7 +29,8 @@ def problems(draw):
                 damp=draw(st.sampled_from([0.0, 0.01, 0.1])))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 300 problems every run, so CI cannot fail on a draw no earlier run saw
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_pruning_never_breaks_its_promises(p):
     g = torch.Generator().manual_seed(p["seed"])
