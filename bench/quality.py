@@ -76,7 +76,8 @@ class CausalLMBench:
         self.name, self.recipe, self.seed = name, recipe, seed
         config = yaml.safe_load((ROOT / recipe).read_text())
         # the CLI links pruning.calibration_samples into the data module; do the same
-        self.data = TextData(**{**config["data"]["init_args"], "seed": seed,
+        # every zero-shot item (the recipe's zero_shot_items keeps its command short), so the protocol says so
+        self.data = TextData(**{**config["data"]["init_args"], "seed": seed, "zero_shot_items": None,
                                 "calibration_samples": config["pruning"]["calibration_samples"]})
         self.config = config["pruning"]["config"]
         self.data.setup("fit")
@@ -105,7 +106,9 @@ class CausalLMBench:
         if zero_shot and self.has_zero_shot:
             results = evaluate_suite(model, self.tokenizer, self.data.zero_shot_tasks,
                                      batch_size=hp.zero_shot_batch_size, bos=hp.bos, max_length=hp.max_length)
-            out["suite"] = {name: {k: v for k, v in r.items() if k != "loglikelihoods"} for name, r in results.items()}
+            out["suite"] = {name: {**{k: v for k, v in r.items() if k != "loglikelihoods"},
+                                   "hits": {m: "".join(map(str, h)) for m, h in r["hits"].items()}}
+                            for name, r in results.items()}
         return out
 
 
@@ -249,6 +252,12 @@ def _points(value: float, stderr: float) -> str:
     return f"{100 * value:.2f} ± {100 * stderr:.2f}"
 
 
+def suite_of(row: dict) -> dict[str, dict]:
+    """A row's zero-shot results with per-item hits as 0/1 lists (saved as strings of 0s and 1s)."""
+    return {name: {**r, "hits": {m: [int(c) for c in h] if isinstance(h, str) else h for m, h in r["hits"].items()}}
+            for name, r in row["metrics"]["suite"].items()}
+
+
 def suite_markdown(saved: dict) -> str | None:
     """The zero-shot suite of every seed-0 row: each task's suite metric, the mean, and paired differences
     (on the same items) to the same mask without OPTIMA and to the dense model, in points."""
@@ -265,14 +274,23 @@ def suite_markdown(saved: dict) -> str | None:
              "|---|---|" + "---:|" * (len(tasks) + 3)]
     order = [("-", "dense")] + [(p[0], m[0]) for p in PATTERNS for m in METHODS]
     for key in sorted(rows, key=lambda k: order.index(k) if k in order else len(order)):
-        suite = rows[key]["metrics"]["suite"]
+        suite = suite_of(rows[key])
         cells = [_points(suite[t][suite[t]["metric"]], suite[t][f"{suite[t]['metric']}_stderr"]) for t in tasks]
         baseline = rows.get((key[0], WITHOUT_OPTIMA.get(key[1], "")))
-        versus = _points(*suite_difference(baseline["metrics"]["suite"], suite)["mean"]) if baseline else "-"
+        versus = _points(*suite_difference(suite_of(baseline), suite)["mean"]) if baseline else "-"
         is_dense = key == ("-", "dense")
-        to_dense = "-" if is_dense else _points(*suite_difference(dense["metrics"]["suite"], suite)["mean"])
+        to_dense = "-" if is_dense else _points(*suite_difference(suite_of(dense), suite)["mean"])
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {_points(*suite_mean(suite))} | "
                      f"{versus} | {to_dense} |")
+    pairs = [(key, rows[(key[0], WITHOUT_OPTIMA[key[1]])]) for key in rows
+             if (key[0], WITHOUT_OPTIMA.get(key[1], "")) in rows]
+    if pairs:
+        lines += ["", "Per task, each row minus the same mask without OPTIMA, paired over the same items (points):", "",
+                  "| pattern | method | " + " | ".join(header) + " | mean |", "|---|---|" + "---:|" * (len(tasks) + 1)]
+        for key, baseline in sorted(pairs, key=lambda p: order.index(p[0]) if p[0] in order else len(order)):
+            difference = suite_difference(suite_of(baseline), suite_of(rows[key]))
+            lines.append(f"| {key[0]} | {key[1]} - {baseline['method']} | "
+                         + " | ".join(_points(*difference[t]) for t in [*tasks, "mean"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +313,7 @@ def seeds_markdown(saved: dict) -> str | None:
             mean = statistics.mean(values)
             return f"{scale * mean:.4g} ± {scale * statistics.stdev(values):.2g}"
         cells = [spread([r["metrics"][m] for r in rs if m in r["metrics"]]) for m in metrics]
-        means = [suite_mean(r["metrics"]["suite"])[0] for r in rs if "suite" in r["metrics"]]
+        means = [suite_mean(suite_of(r))[0] for r in rs if "suite" in r["metrics"]]
         lines.append(f"| {pattern} | {method} | {', '.join(str(r.get('seed', 0)) for r in rs)} | "
                      + " | ".join(cells) + f" | {spread(means, 100)} |")
     return "\n".join(lines) + "\n"
