@@ -1,8 +1,10 @@
-"""lm-eval-harness tasks on an in-memory (e.g. just pruned) model, for users with a network.
+"""lm-eval-harness tasks on an in-memory (e.g. just pruned) model, and this project's tasks as lm-eval YAMLs.
 
 lm-eval is an optional dependency (``pip install -e '.[lmeval]'`` in the optima checkout); its
 standard tasks download their datasets from the hub. Local tasks (YAML files, e.g. a ``dataset_path: json``
-task over JSONL files) load through ``include_path`` and run offline.
+task over JSONL files) load through ``include_path`` and run offline: ``SHIPPED_TASKS`` holds the
+zero-shot suite's (``optima.tasks``) over ``../shared/assets/zeroshot``, and :func:`write_local_tasks`
+writes them for other files.
 """
 
 from __future__ import annotations

@@ -115,15 +115,15 @@ def _winogrande(row: Row) -> ChoiceItem:
                       tuple(len(c) for c in contexts))
 
 
-def _hellaswag_clean(text: str) -> str:
+def hellaswag_clean(text: str) -> str:
     """lm-eval's HellaSwag preprocessing: strip, WikiHow's " [title]" to ". ", drop other [tags], no double spaces."""
     text = text.strip().replace(" [title]", ". ")
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
 def _hellaswag(row: Row) -> ChoiceItem:
-    context = _hellaswag_clean(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
-    return _shared_context(context, [_hellaswag_clean(e) for e in row["endings"]], int(row["label"]))
+    context = hellaswag_clean(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+    return _shared_context(context, [hellaswag_clean(e) for e in row["endings"]], int(row["label"]))
 
 
 def _boolq(row: Row) -> ChoiceItem:

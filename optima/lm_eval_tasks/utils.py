@@ -4,7 +4,7 @@ They restate lm-eval's own WinoGrande and HellaSwag hooks so that these YAMLs ru
 0.4.x without depending on where its task folder is installed.
 """
 
-from optima.tasks import _hellaswag_clean
+from optima.tasks import hellaswag_clean
 
 
 def winogrande_text(doc: dict) -> int:
@@ -27,6 +27,6 @@ def hellaswag_docs(dataset):
     """HellaSwag rows to ``query`` / ``choices`` / ``gold``, as lm-eval's own task does."""
     def convert(doc: dict) -> dict:
         context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        return {"query": _hellaswag_clean(doc["activity_label"] + ": " + context),
-                "choices": [_hellaswag_clean(e) for e in doc["endings"]], "gold": int(doc["label"])}
+        return {"query": hellaswag_clean(doc["activity_label"] + ": " + context),
+                "choices": [hellaswag_clean(e) for e in doc["endings"]], "gold": int(doc["label"])}
     return dataset.map(convert)
