@@ -268,7 +268,7 @@ class OptimaCLI(LightningCLI):
     def _print_metrics(self, title: str, columns: dict[str, dict[str, float]]) -> None:
         """One table, a row per metric and a column per evaluated model, then the zero-shot suite's
         table (per task and the mean, with standard errors and paired differences) and the protocol."""
-        suites = {name: suite for name, suite in self.suites.items() if suite}
+        suites = self._scored_suites()
         table = Table(title=title)
         table.add_column("metric")
         for name in columns:
@@ -282,6 +282,10 @@ class OptimaCLI(LightningCLI):
         if hasattr(self.datamodule, "protocol"):
             self.console.print(f"protocol: {self.datamodule.protocol()}", soft_wrap=True)
 
+    def _scored_suites(self) -> dict[str, dict]:
+        """The zero-shot results of the models evaluated so far, those with a suite configured."""
+        return {name: suite for name, suite in self.suites.items() if suite}
+
     def _report_evaluation(self, columns: dict[str, dict[str, float]]) -> None:
         """Add the evaluation (every metric of the tables, the suite per item) to the JSON report, and
         write the figure beside it."""
@@ -289,7 +293,7 @@ class OptimaCLI(LightningCLI):
         if not path or not self.trainer.is_global_zero or not Path(path).is_file():
             return
         report = json.loads(Path(path).read_text())
-        suites = {name: suite for name, suite in self.suites.items() if suite}
+        suites = self._scored_suites()
         protocol = self.datamodule.protocol() if hasattr(self.datamodule, "protocol") else None
         report["evaluation"] = {"protocol": protocol, **columns}
         if suites:

@@ -266,32 +266,33 @@ def _budget_chunks(lengths: Sequence[int], rows: int, tokens: int) -> list[tuple
     return runs
 
 
-def _item_batches(requests: Sequence[Request], rows: int, tokens: int) -> list[list[list[Request]]]:
-    """Requests grouped by item; items ordered by their shared prefix, longest first, in batches whose
-    prefixes take at most ``rows`` rows and ``tokens`` padded tokens."""
+def _item_batches(requests: Sequence[Request], rows: int,
+                  tokens: int) -> list[list[tuple[list[Request], int]]]:
+    """Requests grouped by item with the item's :func:`shared_prefix`; items ordered by it, longest first,
+    in batches whose prefixes take at most ``rows`` rows and ``tokens`` padded tokens."""
     by_item: dict[int, list[Request]] = {}
     for r in requests:
         by_item.setdefault(r.item, []).append(r)
-    items = sorted(by_item.values(), key=lambda rs: -shared_prefix(rs))
-    return [items[a:b] for a, b in _budget_chunks([max(1, shared_prefix(rs)) for rs in items], rows, tokens)]
+    items = sorted(((rs, shared_prefix(rs)) for rs in by_item.values()), key=lambda item: -item[1])
+    return [items[a:b] for a, b in _budget_chunks([max(1, n) for _, n in items], rows, tokens)]
 
 
-def _forward_shared(model: nn.Module, cache_name: str, items: list[list[Request]], rows: int, tokens: int,
-                    device: torch.device) -> Iterator[tuple[torch.Tensor, dict]]:
+def _forward_shared(model: nn.Module, cache_name: str, items: list[tuple[list[Request], int]], rows: int,
+                    tokens: int, device: torch.device) -> Iterator[tuple[torch.Tensor, dict]]:
     """One batch of items: each item's shared prefix runs once; then its choices' suffixes, longest
     first in forwards of at most ``rows`` sequences and ``tokens`` padded tokens (so they pad little),
     run on the cached keys and values. Yields each forward's log-likelihoods and collated batch."""
-    prefixes = [shared_prefix(rs) for rs in items]
+    prefixes = [n for _, n in items]
     width = max(prefixes)
     prefix_ids = torch.zeros((len(items), width), dtype=torch.long)
     prefix_mask = torch.zeros((len(items), width), dtype=torch.long, device=device)
-    for row, (rs, n) in enumerate(zip(items, prefixes)):
+    for row, (rs, n) in enumerate(items):
         prefix_ids[row, :n] = torch.tensor(rs[0].tokens[:n], dtype=torch.long)
         prefix_mask[row, :n] = 1
     cache = getattr(model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask, use_cache=True,
                           logits_to_keep=1), cache_name)
     suffixes = [(row, Request(r.item, r.choice, r.tokens[n:], r.continuation))
-                for row, (rs, n) in enumerate(zip(items, prefixes)) for r in rs]
+                for row, (rs, n) in enumerate(items) for r in rs]
     suffixes.sort(key=lambda s: -len(s[1].tokens))
     starts = torch.tensor(prefixes, device=device)
     for first, end in _budget_chunks([len(r.tokens) - 1 for _, r in suffixes], rows, tokens):
