@@ -266,15 +266,22 @@ def _budget_chunks(lengths: Sequence[int], rows: int, tokens: int) -> list[tuple
     return runs
 
 
-def _item_batches(requests: Sequence[Request], rows: int,
-                  tokens: int) -> list[list[tuple[list[Request], int]]]:
-    """Requests grouped by item with the item's :func:`shared_prefix`; items ordered by it, longest first,
-    in batches whose prefixes take at most ``rows`` rows and ``tokens`` padded tokens."""
+def _by_item(requests: Sequence[Request]) -> tuple[list[tuple[list[Request], int]], list[Request]]:
+    """Requests grouped by item with the item's :func:`shared_prefix`, longest prefix first; and, apart, the
+    requests of items whose choices share no token (they run whole, as a cache of nothing is no help)."""
     by_item: dict[int, list[Request]] = {}
     for r in requests:
         by_item.setdefault(r.item, []).append(r)
     items = sorted(((rs, shared_prefix(rs)) for rs in by_item.values()), key=lambda item: -item[1])
-    return [items[a:b] for a, b in _budget_chunks([max(1, n) for _, n in items], rows, tokens)]
+    whole = sorted((r for rs, n in items if n == 0 for r in rs), key=lambda r: -len(r.tokens))
+    return [item for item in items if item[1] > 0], whole
+
+
+def _item_batches(items: list[tuple[list[Request], int]], rows: int,
+                  tokens: int) -> list[list[tuple[list[Request], int]]]:
+    """Items (from :func:`_by_item`) in batches whose prefixes take at most ``rows`` rows and ``tokens``
+    padded tokens."""
+    return [items[a:b] for a, b in _budget_chunks([n for _, n in items], rows, tokens)]
 
 
 def _forward_shared(model: nn.Module, cache_name: str, items: list[tuple[list[Request], int]], rows: int,
@@ -344,7 +351,8 @@ def _score(model: nn.Module, tokenizer, items: Sequence[ChoiceItem], scoring: Sc
     """Score every request (model in eval mode for the duration) and fill a metric.
 
     A transformers causal LM runs each item's shared prefix once (:func:`shared_prefix`) and its
-    choices on the cached keys and values; other models run every request whole.
+    choices on the cached keys and values; other models, and items whose choices share no token,
+    run every request whole.
     """
     batch_size, batch_tokens = scoring.batch_size, scoring.batch_tokens
     requests = build_requests(items, tokenizer, scoring.max_length or resolve_max_length(model, tokenizer),
@@ -356,23 +364,23 @@ def _score(model: nn.Module, tokenizer, items: Sequence[ChoiceItem], scoring: Sc
     was_training = model.training
     model.eval()
     try:
+        shared, whole = _by_item(requests) if cache_name is not None else ([], requests)
         done = 0
-        if cache_name is not None:
-            for batch_items in _item_batches(requests, batch_size, PREFIX_BUDGET * batch_tokens):
-                for loglik, batch in _forward_shared(model, cache_name, batch_items, batch_size, batch_tokens, device):
-                    metric.update(batch["item"], batch["choice"], loglik)
-                    done += len(loglik)
-                    if progress is not None:
-                        progress(done, len(requests))
-            return metric
-        for start in range(0, len(requests), batch_size):
-            batch = {k: v.to(device) for k, v in collate_requests(requests[start:start + batch_size]).items()}
+        for batch_items in _item_batches(shared, batch_size, PREFIX_BUDGET * batch_tokens):
+            for loglik, batch in _forward_shared(model, cache_name, batch_items, batch_size, batch_tokens, device):
+                metric.update(batch["item"], batch["choice"], loglik)
+                done += len(loglik)
+                if progress is not None:
+                    progress(done, len(requests))
+        for start in range(0, len(whole), batch_size):
+            batch = {k: v.to(device) for k, v in collate_requests(whole[start:start + batch_size]).items()}
             extra = {"logits_to_keep": logits_to_keep(batch["labels"])} if trims_logits else {}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                            **extra).logits
             metric.update(batch["item"], batch["choice"], batch_loglikelihoods(logits, batch["labels"]))
+            done += len(batch["item"])
             if progress is not None:
-                progress(min(start + batch_size, len(requests)), len(requests))
+                progress(done, len(requests))
     finally:
         model.train(was_training)
     return metric

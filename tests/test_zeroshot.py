@@ -274,3 +274,23 @@ def test_agrees_with_lm_eval_on_hellaswag_items(tmp_path, monkeypatch):
     for sample in results["samples"]["hellaswag2_local"]:
         their_scores = [loglikelihood for loglikelihood, _greedy in sample["filtered_resps"]]
         assert scores[sample["doc_id"]] == pytest.approx(their_scores, abs=1e-4)
+
+
+def test_items_whose_choices_share_no_token_run_whole_beside_cached_ones():
+    """Without a BOS, choices that differ in their first token share no prefix (WinoGrande's partial
+    evaluation can do that); they must score as the whole requests do, in a batch alone or mixed."""
+    model, tokenizer = tiny_llama(), word_tokenizer(add_bos=False)
+    split_at_once = ChoiceItem(pairs=(("a b", " c d"), ("b b", " c d"), ("c", " c d")), label=1, lengths=(4, 4, 4))
+    shared = ChoiceItem.with_endings("d e a", (" b", " c c"), 0)
+
+    def whole(context: str, ending: str) -> float:
+        ids = [ID[w] for w in (context + ending).split()]
+        n = len(ending.split())
+        with torch.no_grad():
+            log_probs = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        return sum(float(log_probs[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids)))
+
+    for items in ([split_at_once], [split_at_once, shared]):
+        got = score_choices(model, tokenizer, items, batch_size=2)
+        for row, item in zip(got, items, strict=True):
+            assert row == pytest.approx([whole(c, e) for c, e in item.pairs], abs=1e-5)
