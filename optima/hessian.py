@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from optima.linalg import Damping
 from optima.model import weight_rows
 
 
@@ -110,15 +110,6 @@ def hessian_hooks(layers: dict[str, nn.Module], dtype: torch.dtype) -> Iterator[
             handle.remove()
 
 
-@dataclass
-class Damping:
-    """What was done to make a Hessian safely positive definite."""
-
-    frac: float          # requested damping, relative to mean(diag H)
-    value: float         # absolute amount added to the diagonal
-    dead_inputs: int     # inputs with zero diagonal (never active in calibration)
-
-
 def damp_hessian(hessian: torch.Tensor, frac: float) -> tuple[torch.Tensor, Damping]:
     """Return ``H + frac * mean(diag H) * I`` with dead inputs given a unit diagonal.
 
@@ -139,27 +130,3 @@ def damp_hessian(hessian: torch.Tensor, frac: float) -> tuple[torch.Tensor, Damp
     value = frac * scale
     diag += value
     return h, Damping(frac=frac, value=value, dead_inputs=int(dead.sum()))
-
-
-def add_damping(hessian: torch.Tensor, damping: Damping) -> tuple[torch.Tensor, Damping]:
-    """Ten times the damping (at least 1e-8 of mean diag): the escalation step after a failed factorization."""
-    extra = max(damping.value, 1e-8 * hessian.diagonal().mean().item()) * 9.0
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    return hessian + extra * eye, Damping(frac=damping.frac, value=damping.value + extra,
-                                          dead_inputs=damping.dead_inputs)
-
-
-def cholesky_escalating(hessian: torch.Tensor, damping: Damping,
-                        tries: int = 6) -> tuple[torch.Tensor, torch.Tensor, Damping]:
-    """Cholesky factor of a damped Hessian, adding damping x10 per failed try.
-
-    Returns ``(H, L, damping)`` with ``H = L L^T`` the matrix finally factored. Never
-    falls back silently: the returned ``Damping`` says how much was finally used.
-    """
-    h = hessian
-    for _ in range(tries):
-        factor, info = torch.linalg.cholesky_ex(h)
-        if info.item() == 0 and torch.isfinite(factor).all():
-            return h, factor, damping
-        h, damping = add_damping(h, damping)
-    raise torch.linalg.LinAlgError(f"Hessian is not positive definite even with damping {damping.value:.3g}")

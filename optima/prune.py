@@ -15,8 +15,8 @@ import torch
 
 from optima.block_ldl import keep_rate_order
 from optima.config import OWN_UPDATES, PruneConfig
-from optima.hessian import Damping, damp_hessian
-from optima.linalg import reconstruction_error
+from optima.hessian import damp_hessian
+from optima.linalg import Damping, reconstruction_error
 from optima.masks import Pattern, score_mask
 from optima.refine import refine_mask
 from optima.share import RowShare
@@ -158,6 +158,9 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
         if greedy_damping.value > damping.value:
             stats.notes.append(f"damping raised to {greedy_damping.value:.3g} to factor H for {config.mask}")
             stats.damping = greedy_damping.value
+        if greedy_damping.escalated_rows:
+            stats.escalated_rows = greedy_damping.escalated_rows
+            stats.notes.append(f"{stats.escalated_rows} rows needed extra damping to factor their own system")
     else:
         new = _optima_update(w, damped, keep, damping, config, stats, share)
     new = new * keep  # pruned entries are exact zeros whatever the arithmetic did
@@ -242,12 +245,13 @@ def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, da
     elif result.method == "pcg" and config.solver.stop_rule == "gap":
         stats.notes.append("the preconditioner needed extra damping to factor: CG stopped on r^T z, "
                            "which then bounds the objective gap only approximately")
-    stats.escalated_rows = result.escalated_rows
+    if result.damping is not None:
+        stats.escalated_rows = result.damping.escalated_rows
     if result.damping is not None and result.damping.value > damping.value:
         stats.notes.append(f"damping raised to {result.damping.value:.3g} to factor H")
         stats.damping = result.damping.value
     if stats.escalated_rows:
-        stats.notes.append(f"{stats.escalated_rows} rows needed extra damping to factor their kept set")
+        stats.notes.append(f"{stats.escalated_rows} rows needed extra damping to factor their own system")
     if stats.unconverged_rows:
         worst = f"gap bound {stats.gap_bound_max:.2e}" if stats.gap_bound_max is not None else \
             f"KKT residual {stats.kkt_residual_max:.2e}"
@@ -258,10 +262,12 @@ def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, da
 def _gathered(part: QPResult, share: RowShare, rows: int) -> QPResult:
     """Join every process's rows of a solve, so that all processes hold the same whole-layer result."""
     # escalations are counted over all processes; damping and method are the same everywhere
-    counts = share.all_gather(torch.tensor([part.escalated_rows, part.newton_iterations], device=part.delta.device))
+    escalated = part.damping.escalated_rows if part.damping is not None else 0
+    counts = share.all_gather(torch.tensor([escalated, part.newton_iterations], device=part.delta.device))
     per_row = [part.delta, part.converged, part.cg_iterations, part.kkt_residual]
     delta, converged, cg_iterations, kkt, *gap = share.gather_columns(
         per_row if part.gap_bound is None else [*per_row, part.gap_bound], rows)
     return QPResult(delta=delta, converged=converged, cg_iterations=cg_iterations, kkt_residual=kkt,
                     gap_bound=gap[0] if gap else None, newton_iterations=int(counts[:, 1].max()),
-                    method=part.method, damping=part.damping, escalated_rows=int(counts[:, 0].sum()))
+                    method=part.method,
+                    damping=None if part.damping is None else replace(part.damping, escalated_rows=int(counts[:, 0].sum())))

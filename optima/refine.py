@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from optima.block_ldl import keep_rate_order
-from optima.hessian import Damping, cholesky_escalating
-from optima.linalg import reconstruction_error
+from optima.linalg import Damping, cholesky_escalating, reconstruction_error
 from optima.masks import Pattern
 from optima.solver import SolverOptions, solve_pinned
 

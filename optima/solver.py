@@ -37,10 +37,9 @@ from typing import Literal
 import torch
 
 from optima.block_ldl import BlockLDL, keep_rate_order
-from optima.direct import batch_rows, solve_pinned_direct
+from optima.direct import solve_pinned_direct
 from optima.errors import OptionError, check_choice
-from optima.hessian import Damping, cholesky_escalating
-from optima.linalg import quadratic_form
+from optima.linalg import Damping, batch_rows, cholesky_escalating, quadratic_form
 
 PRECONDITIONERS = ("ldl", "hinv", "jacobi")   # "ldl" and "hinv" have M^-1 >= (H_FF)^-1: r^T z bounds the gap
 METHODS = ("auto", "pcg", "direct")
@@ -134,8 +133,7 @@ class QPResult:
     gap_bound: torch.Tensor | None = None  # (rows,) bound on the relative objective gap (stop="gap"; 0: direct)
     newton_iterations: int = 0
     method: str = "pcg"
-    damping: Damping | None = None
-    escalated_rows: int = 0          # rows whose system needed extra damping (direct path)
+    damping: Damping | None = None   # with the rows whose system needed damping of its own (direct path)
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -578,13 +576,13 @@ def solve_pinned(hessian: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor
         if weight_range is not None:
             raise ValueError("the direct solver has no bounds; use method 'pcg' or 'auto' with a weight range")
         budget = options.memory_budget or default_memory_budget(h.device)
-        delta, damping, escalated = solve_pinned_direct(h, w, keep, damping, budget)
+        delta, damping = solve_pinned_direct(h, w, keep, damping, budget)
         delta = torch.where(keep, delta, -w)
         return QPResult(delta=delta, converged=torch.ones(rows, dtype=torch.bool, device=h.device),
                         cg_iterations=torch.zeros(rows, dtype=torch.int64, device=h.device),
                         kkt_residual=_kkt_residual(h, w, keep, delta),
                         gap_bound=torch.zeros(rows, dtype=h.dtype, device=h.device),
-                        method="direct", damping=damping, escalated_rows=escalated)
+                        method="direct", damping=damping)
     order = keep_rate_order(keep) if order is None else _check_order(order, d, h.device)
     problem = _scaled_problem(h, options, damping, order)
     out = _Collected(rows, d, h.dtype, h.device)

@@ -17,20 +17,9 @@ from typing import Literal
 
 import torch
 
-from optima.hessian import Damping, add_damping, cholesky_escalating, damp_hessian
+from optima.hessian import damp_hessian
+from optima.linalg import Damping, escalating, inverse_upper_factor
 from optima.masks import Pattern, prune_lowest, prune_nm
-
-
-def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, Damping]:
-    """Upper Cholesky factor of the damped H^-1, escalating the damping until H and its inverse both factor."""
-    h, damping = damp_hessian(hessian, damp)
-    for _ in range(6):  # both H and its inverse must factor; near-singular H can fail the second
-        h, chol, damping = cholesky_escalating(h, damping)
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-        if info.item() == 0 and torch.isfinite(upper).all():
-            return upper, damping
-        h, damping = add_damping(h, damping)
-    raise torch.linalg.LinAlgError(f"inverse Hessian does not factor even with damping {damping.value:.3g}")
 
 
 def _saliency(weights: torch.Tensor, u_diag: torch.Tensor) -> torch.Tensor:
@@ -80,7 +69,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, 
     pattern.check(d_in)
     if pattern.structured:
         mask_block = max(pattern.m, mask_block // pattern.m * pattern.m)
-    upper, damping = _inverse_cholesky(hessian, damp)
+    upper, _, damping = escalating(inverse_upper_factor, *damp_hessian(hessian, damp))
 
     w = weight.to(upper.dtype).clone()
     keep = torch.ones(rows, d_in, dtype=torch.bool, device=w.device)

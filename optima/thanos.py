@@ -27,7 +27,7 @@ Differences from the reference code (github vectozavr/thanos, ``lib/thanos.py``)
   ``sum_j w_ij^2 x_j^2``) unpruned, which breaks the N:M pattern for that row; here no row is kept
   dense. Its 10%-outlier-rows variant is not implemented (not the default).
 - Damping and dead inputs: ``damp_hessian`` (relative damping, dead inputs decoupled) and
-  escalation when ``H`` or a row's ``Hinv[S, S]`` does not factor, instead of a
+  escalation (``optima.linalg``) when ``H`` or a row's ``Hinv[S, S]`` does not factor, instead of a
   plain inverse; weights on dead inputs are not zeroed up front (they score 0, so they are
   pruned first anyway; a kept one changes no calibration output).
 - N:M prunes ``M - N`` per group (the reference prunes its ``prune_n`` per group and assumes
@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import torch
 
-from optima.hessian import Damping, add_damping, damp_hessian
+from dataclasses import replace
+
+from optima.hessian import damp_hessian
+from optima.linalg import Damping, escalating, inverse_upper_factor, solve_rows
 from optima.masks import Pattern, column_norms, prune_nm
 
-_TRIES = 6                 # damping escalations (x10 each) before giving up
-_CHUNK_ELEMENTS = 1 << 24  # rows x |S| x |S| entries of the per-row systems factored at once
+_ROW_SYSTEMS_BUDGET = 1 << 26  # bytes of per-row systems Hinv[S, S] factored at once
 
 
 @torch.no_grad()
@@ -65,40 +67,19 @@ def thanos(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *, mas
     if pattern.structured:
         mask_block = max(pattern.m, mask_block // pattern.m * pattern.m)
     norms = column_norms(hessian)
-    h, damping = damp_hessian(hessian, damp)
-    for _ in range(_TRIES):
-        upper = _inverse_upper_factor(h)
-        if upper is not None:
-            result = _prune(weight.to(h.dtype), norms, upper, pattern, mask_block)
-            if result is not None:
-                return (*result, damping)
-        h, damping = add_damping(h, damping)
-    raise torch.linalg.LinAlgError(f"Thanos: H or a row's Hinv[S, S] does not factor even with damping "
-                                   f"{damping.value:.3g}")
-
-
-def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
-    """Upper ``U`` with ``H^-1 = U^T U``, or None if ``H`` does not factor.
-
-    With ``J`` the index reversal, ``J H J = L L^T`` gives ``H = (J L J)(J L J)^T`` with ``J L J``
-    upper, so ``U = J L^-1 J``: one Cholesky and one triangular inverse, ``H^-1`` never formed
-    (``torch.cholesky_inverse`` is much slower multi-threaded on a busy CPU).
-    """
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-    if info.item() != 0 or not torch.isfinite(lower).all():
-        return None
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
-    return upper if torch.isfinite(upper).all() else None
+    upper, h, damping = escalating(inverse_upper_factor, *damp_hessian(hessian, damp))
+    w, keep, escalated = _prune(weight.to(h.dtype), norms, upper, pattern, mask_block)
+    return w, keep, replace(damping, escalated_rows=escalated)
 
 
 def _prune(weight: torch.Tensor, norms: torch.Tensor, upper: torch.Tensor, pattern: Pattern,
-           mask_block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The block loop; None if some row's system does not factor (the caller adds damping)."""
+           mask_block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The block loop: (weight, keep, rows whose ``Hinv[S, S]`` needed damping of its own, summed over blocks)."""
     rows, d_in = weight.shape
     w = weight.clone()
     keep = torch.ones(rows, d_in, dtype=torch.bool, device=w.device)
     remaining = int(rows * d_in * pattern.sparsity)  # unstructured: the layer's budget still to prune
+    escalated = 0
     for i1 in range(0, d_in, mask_block):
         i2 = min(i1 + mask_block, d_in)
         scores = w[:, i1:].abs() * norms[i1:]
@@ -110,12 +91,12 @@ def _prune(weight: torch.Tensor, norms: torch.Tensor, upper: torch.Tensor, patte
         keep[:, i1:i2] = ~prune
         # columns i1..i2-1 of inv(H[i1:, i1:]), as (d_in - i1, block) from rows i1..i2-1 of U
         hinv_cols = upper[i1:i2, i1:].T @ upper[i1:i2, i1:i2]
-        lam = _multipliers(w[:, i1:i2], prune, hinv_cols[:i2 - i1])
-        if lam is None:
-            return None
+        # per row, lambda_S = (Hinv[S, S])^-1 w_S, 0 off S
+        lam, raised = solve_rows(hinv_cols[:i2 - i1], prune, w[:, i1:i2], _ROW_SYSTEMS_BUDGET)
+        escalated += raised
         w[:, i1:] -= lam @ hinv_cols.T
         w[:, i1:i2].masked_fill_(prune, 0.0)
-    return w, keep
+    return w, keep, escalated
 
 
 def _lowest_in_block(scores: torch.Tensor, count: int, width: int) -> torch.Tensor:
@@ -129,26 +110,3 @@ def _lowest_in_block(scores: torch.Tensor, count: int, width: int) -> torch.Tens
     inside = col < width
     prune[row[inside], col[inside]] = True
     return prune
-
-
-def _multipliers(w_block: torch.Tensor, prune: torch.Tensor, hinv_block: torch.Tensor) -> torch.Tensor | None:
-    """Per row, ``lambda_S = (Hinv[S, S])^-1 w_S`` scattered into block columns (0 off S).
-
-    Rows are batched by ``|S|``, so no system is padded. None if a system does not factor.
-    """
-    rows, width = w_block.shape
-    counts = prune.sum(1)
-    first = torch.argsort((~prune).to(torch.uint8), dim=1, stable=True)  # each row's pruned columns first
-    flat = hinv_block.reshape(-1)
-    lam = torch.zeros_like(w_block)
-    for k in counts.unique().tolist():
-        if k == 0:
-            continue
-        for batch in (counts == k).nonzero().squeeze(1).split(max(1, _CHUNK_ELEMENTS // (k * k))):
-            idx = first[batch, :k]
-            factor, info = torch.linalg.cholesky_ex(flat[idx[:, :, None] * width + idx[:, None, :]])
-            if (info != 0).any():
-                return None
-            rhs = w_block[batch[:, None], idx]
-            lam[batch[:, None], idx] = torch.cholesky_solve(rhs[:, :, None], factor)[:, :, 0]
-    return lam if torch.isfinite(lam).all() else None

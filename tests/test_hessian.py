@@ -9,7 +9,8 @@ from conftest import MINILM_LAYERS, MINILM_SEQ_LEN, MINILM_SEQUENCES
 from torch import nn
 
 from optima import HessianAccumulator, damp_hessian
-from optima.hessian import PANEL, Damping, cholesky_escalating, hessian_hooks
+from optima.hessian import PANEL, hessian_hooks
+from optima.linalg import Damping, cholesky_escalating
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
