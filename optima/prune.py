@@ -6,21 +6,18 @@ Hessian in, mask and new weight out, with the numbers that say how well it went.
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from optima.block_ldl import keep_rate_order
 from optima.config import OWN_UPDATES, PruneConfig
-from optima.hessian import damp_hessian
 from optima.linalg import Damping, reconstruction_error
 from optima.masks import Pattern, score_mask
+from optima.problem import LayerProblem
 from optima.refine import refine_mask
 from optima.share import RowShare
-from optima.solver import QPResult, resolve_method, solve_pinned
+from optima.solver import SolverOptions
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 from optima.thanos import thanos
 
@@ -81,17 +78,6 @@ def reconstruction_objective(new_weight: torch.Tensor, weight: torch.Tensor, hes
     return float(reconstruction_error(new_weight, weight, hessian, per_row=False))
 
 
-def _shared_objectives(candidates: list[torch.Tensor], weight: torch.Tensor, hessian: torch.Tensor,
-                       share: RowShare | None) -> list[float]:
-    """``reconstruction_objective`` of each candidate weight; with ``share``, each process sums its
-    share of the rows and one all-gather adds the sums of every candidate."""
-    if share is None:
-        return [reconstruction_objective(new, weight, hessian) for new in candidates]
-    rows = share.span(weight.shape[0])
-    parts = [reconstruction_objective(new[rows], weight[rows], hessian) for new in candidates]
-    return share.all_gather(torch.tensor(parts, dtype=torch.float64, device=weight.device)).sum(0).tolist()
-
-
 def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern) -> None:
     d_in = weight.shape[1]
     if hessian.shape != (d_in, d_in):
@@ -145,129 +131,99 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
     seconds_mask = time.perf_counter() - start
 
     masked = w * keep
-    damped, damping = damp_hessian(h, config.damp)
-    objectives = functools.partial(_shared_objectives, weight=w, hessian=h, share=share)
-    objective_none, dense_energy = objectives([masked, torch.zeros_like(w)])
-    stats = PruneStats(objective_none=objective_none, objective=0.0, dense_energy=dense_energy, sparsity=0.0,
-                       damping=damping.value, dead_inputs=damping.dead_inputs, seconds_mask=seconds_mask)
+    problem = LayerProblem.build(w, h, keep, pattern, damp=config.damp, keep_row_range=config.keep_row_range,
+                                 share=share)
+    objective_none, dense_energy = problem.objectives([masked, torch.zeros_like(w)])
     t_update = time.perf_counter()
     if config.update == "none":
-        new = masked
+        new, update = masked, _damping_fields(problem.damping, problem.damping)
     elif config.update in OWN_UPDATES:
-        new = greedy
-        if greedy_damping.value > damping.value:
-            stats.notes.append(f"damping raised to {greedy_damping.value:.3g} to factor H for {config.mask}")
-            stats.damping = greedy_damping.value
-        if greedy_damping.escalated_rows:
-            stats.escalated_rows = greedy_damping.escalated_rows
-            stats.notes.append(f"{stats.escalated_rows} rows needed extra damping to factor their own system")
+        new, update = greedy, _damping_fields(greedy_damping, problem.damping, f" for {config.mask}")
     else:
-        new = _optima_update(w, damped, keep, damping, config, stats, share)
+        new, update = _optima_update(problem, config.solver)
     new = new * keep  # pruned entries are exact zeros whatever the arithmetic did
-    stats.seconds_update = time.perf_counter() - t_update
-    new = _keep_the_better(new, masked, lambda v: objectives([v])[0], config, stats)
-    if config.mask_rounds and not stats.fell_back_to_none:
+    seconds_update = time.perf_counter() - t_update
+    new, objective, fallback = _keep_the_better(new, masked, problem.objectives([new])[0], objective_none,
+                                                config.update)
+    refined: dict = {}
+    if config.mask_rounds and not fallback:
         t_refine = time.perf_counter()
-        keep, new = _refine(w, h, damped, keep, new, pattern, damping, config, stats, share)
-        stats.objective = objectives([new])[0]
-        stats.seconds_update += time.perf_counter() - t_refine
-    if damping.dead_inputs:
-        stats.notes.append(f"{damping.dead_inputs} dead inputs (zero Hessian diagonal) left unchanged")
-    stats.sparsity = float((new == 0).sum()) / new.numel()
-    stats.seconds = time.perf_counter() - start
+        keep, new, refined = _refine(problem, new, config, dense_energy)
+        objective = problem.objectives([new])[0]
+        seconds_update += time.perf_counter() - t_refine
+    notes = [*update.pop("notes"), *fallback, *refined.pop("notes", [])]
+    if problem.damping.dead_inputs:
+        notes.append(f"{problem.damping.dead_inputs} dead inputs (zero Hessian diagonal) left unchanged")
+    stats = PruneStats(objective_none=objective_none, objective=objective, dense_energy=dense_energy,
+                       sparsity=float((new == 0).sum()) / new.numel(), dead_inputs=problem.damping.dead_inputs,
+                       fell_back_to_none=bool(fallback), seconds=time.perf_counter() - start,
+                       seconds_mask=seconds_mask, seconds_update=seconds_update, notes=notes, **update, **refined)
     return PruneResult(weight=new.to(dtype=weight.dtype, device=weight.device), keep=keep.to(weight.device),
                        stats=stats)
 
 
-def _keep_the_better(new: torch.Tensor, masked: torch.Tensor, objective: Callable[[torch.Tensor], float],
-                     config: PruneConfig, stats: PruneStats) -> torch.Tensor:
-    """The updated weight, unless it reconstructs worse than no update (then the masked one, with a note)."""
-    stats.objective = objective(new)
-    if config.update != "none" and not stats.objective <= stats.objective_none:
-        stats.notes.append(f"update raised the error ({stats.objective:.4g} > {stats.objective_none:.4g}); "
-                           "kept the masked weights without update")
-        stats.fell_back_to_none = True
-        new, stats.objective = masked, stats.objective_none
-    return new
+def _keep_the_better(new: torch.Tensor, masked: torch.Tensor, objective: float, objective_none: float,
+                     update: str) -> tuple[torch.Tensor, float, list[str]]:
+    """The updated weight and its objective, unless it reconstructs worse than no update: then the masked
+    weight, its objective and the note saying so (no note: no fallback)."""
+    if update != "none" and not objective <= objective_none:
+        return masked, objective_none, [f"update raised the error ({objective:.4g} > {objective_none:.4g}); "
+                                        "kept the masked weights without update"]
+    return new, objective, []
 
 
-def _own_rows(w: torch.Tensor, config: PruneConfig,
-              share: RowShare | None) -> tuple[slice, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The rows of ``w`` this process solves (all of them without ``share``) and, with ``keep_row_range``,
-    each one's original [min, max]."""
-    rows = slice(None) if share is None else share.span(w.shape[0])
-    return rows, ((w[rows].amin(1), w[rows].amax(1)) if config.keep_row_range else None)
+def _damping_fields(used: Damping, requested: Damping, what: str = "") -> dict:
+    """The statistics of the damping an update finally used, against what was asked for (with notes)."""
+    fields = {"damping": max(used.value, requested.value), "escalated_rows": used.escalated_rows, "notes": []}
+    if used.value > requested.value:
+        fields["notes"].append(f"damping raised to {used.value:.3g} to factor H{what}")
+    if used.escalated_rows:
+        fields["notes"].append(f"{used.escalated_rows} rows needed extra damping to factor their own system")
+    return fields
 
 
-def _refine(w: torch.Tensor, h: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, new: torch.Tensor,
-            pattern: Pattern, damping: Damping, config: PruneConfig, stats: PruneStats,
-            share: RowShare | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``config.mask_rounds`` rounds of mask refinement on this process's rows, then all rows joined."""
-    rows, weight_range = _own_rows(w, config, share)
-    result = refine_mask(w[rows], h, damped, keep[rows], new[rows], pattern, damping, config.solver,
-                         config.mask_rounds, weight_range=weight_range, order=keep_rate_order(keep))
+def _refine(problem: LayerProblem, new: torch.Tensor, config: PruneConfig,
+            dense_energy: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``config.mask_rounds`` rounds of mask refinement on this process's rows, then all rows joined;
+    returns (keep, weight, the refinement's statistics)."""
+    own = problem.own()
+    rows = slice(None) if problem.share is None else problem.share.span(new.shape[0])
+    result = refine_mask(own, new[rows], config.solver, config.mask_rounds)
     pad = config.mask_rounds + 1 - len(result.objectives)   # stopped early: the rest stands still
     objectives = torch.tensor(result.objectives + result.objectives[-1:] * pad, dtype=torch.float64)
     accepted = torch.tensor(result.accepted_rows + [0] * pad, dtype=torch.float64)
-    keep, new = result.keep, result.weight.to(w.dtype)
-    if share is not None:
-        new, keep = share.gather_columns([new, keep], w.shape[0])
-        totals = share.all_gather(torch.cat([objectives, accepted]).to(w.device)).sum(0).cpu()
+    new, keep = problem.gather([result.weight.to(new.dtype), result.keep])
+    if problem.share is not None:
+        totals = problem.total(torch.cat([objectives, accepted]).to(new.device)).cpu()
         objectives, accepted = totals[:config.mask_rounds + 1], totals[config.mask_rounds + 1:]
-    stats.mask_round_objectives = objectives.tolist()
-    stats.mask_round_accepted = [int(a) for a in accepted]
-    if stats.dense_energy > 0:
-        before, after = (float(o) / stats.dense_energy for o in (objectives[0], objectives[-1]))
-        stats.notes.append(f"mask refined (at most {config.mask_rounds} rounds): rel. err {before:.4g} -> {after:.4g}, "
-                           f"{int(accepted.sum())} row updates kept")
-    return keep, new
+    notes = []
+    if dense_energy > 0:
+        before, after = (float(o) / dense_energy for o in (objectives[0], objectives[-1]))
+        notes.append(f"mask refined (at most {config.mask_rounds} rounds): rel. err {before:.4g} -> {after:.4g}, "
+                     f"{int(accepted.sum())} row updates kept")
+    return keep, new, {"mask_round_objectives": objectives.tolist(),
+                       "mask_round_accepted": [int(a) for a in accepted], "notes": notes}
 
 
-def _optima_update(w: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor, damping: Damping,
-                   config: PruneConfig, stats: PruneStats, share: RowShare | None) -> torch.Tensor:
-    """Solve the pinned QP for every row (this process's share of them) and record how the solver did."""
-    rows, weight_range = _own_rows(w, config, share)
-    options = config.solver
-    if share is not None:  # every process must take the same path: choose it from the whole mask
-        options = replace(options, method=resolve_method(options.method, keep, config.keep_row_range))
-    result = solve_pinned(damped, w[rows], keep[rows], damping, options, weight_range, keep_rate_order(keep))
-    if share is not None:
-        result = _gathered(result, share, w.shape[0])
-    stats.solver_method = result.method
+def _optima_update(problem: LayerProblem, options: SolverOptions) -> tuple[torch.Tensor, dict]:
+    """Solve the pinned QP for every row (each process its share of them); return the new weight and
+    the statistics of how the solver did."""
+    result = problem.solve(options)
+    fields = {"solver_method": result.method, "cg_iterations_mean": float(result.cg_iterations.float().mean()),
+              "cg_iterations_max": int(result.cg_iterations.max()),
+              "unconverged_rows": int((~result.converged).sum()),
+              "kkt_residual_max": float(result.kkt_residual.max()),
+              "gap_bound_max": None if result.gap_bound is None else float(result.gap_bound.max())}
+    notes = []
     if result.method == "pcg":
-        stats.solver_preconditioner = options.preconditioner_on(damped.device)
-    stats.cg_iterations_mean = float(result.cg_iterations.float().mean())
-    stats.cg_iterations_max = int(result.cg_iterations.max())
-    stats.unconverged_rows = int((~result.converged).sum())
-    stats.kkt_residual_max = float(result.kkt_residual.max())
-    if result.gap_bound is not None:
-        stats.gap_bound_max = float(result.gap_bound.max())
-    elif result.method == "pcg" and config.solver.stop_rule == "gap":
-        stats.notes.append("the preconditioner needed extra damping to factor: CG stopped on r^T z, "
-                           "which then bounds the objective gap only approximately")
-    if result.damping is not None:
-        stats.escalated_rows = result.damping.escalated_rows
-    if result.damping is not None and result.damping.value > damping.value:
-        stats.notes.append(f"damping raised to {result.damping.value:.3g} to factor H")
-        stats.damping = result.damping.value
-    if stats.escalated_rows:
-        stats.notes.append(f"{stats.escalated_rows} rows needed extra damping to factor their own system")
-    if stats.unconverged_rows:
-        worst = f"gap bound {stats.gap_bound_max:.2e}" if stats.gap_bound_max is not None else \
-            f"KKT residual {stats.kkt_residual_max:.2e}"
-        stats.notes.append(f"{stats.unconverged_rows} rows did not reach the CG tolerance (worst {worst})")
-    return (w + result.delta.to(w.dtype))
-
-
-def _gathered(part: QPResult, share: RowShare, rows: int) -> QPResult:
-    """Join every process's rows of a solve, so that all processes hold the same whole-layer result."""
-    # escalations are counted over all processes; damping and method are the same everywhere
-    escalated = part.damping.escalated_rows if part.damping is not None else 0
-    counts = share.all_gather(torch.tensor([escalated, part.newton_iterations], device=part.delta.device))
-    per_row = [part.delta, part.converged, part.cg_iterations, part.kkt_residual]
-    delta, converged, cg_iterations, kkt, *gap = share.gather_columns(
-        per_row if part.gap_bound is None else [*per_row, part.gap_bound], rows)
-    return QPResult(delta=delta, converged=converged, cg_iterations=cg_iterations, kkt_residual=kkt,
-                    gap_bound=gap[0] if gap else None, newton_iterations=int(counts[:, 1].max()),
-                    method=part.method,
-                    damping=None if part.damping is None else replace(part.damping, escalated_rows=int(counts[:, 0].sum())))
+        fields["solver_preconditioner"] = options.preconditioner_on(problem.damped.device)
+        if result.gap_bound is None and options.stop_rule == "gap":
+            notes.append("the preconditioner needed extra damping to factor: CG stopped on r^T z, "
+                         "which then bounds the objective gap only approximately")
+    damping = _damping_fields(result.damping or problem.damping, problem.damping)
+    fields.update(damping, notes=[*notes, *damping["notes"]])
+    if fields["unconverged_rows"]:
+        worst = f"gap bound {fields['gap_bound_max']:.2e}" if fields["gap_bound_max"] is not None else \
+            f"KKT residual {fields['kkt_residual_max']:.2e}"
+        fields["notes"].append(f"{fields['unconverged_rows']} rows did not reach the CG tolerance (worst {worst})")
+    return problem.weight + result.delta.to(problem.weight.dtype), fields

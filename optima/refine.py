@@ -21,14 +21,14 @@ weights and its budget halves. The layer objective is therefore non-increasing r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from optima.block_ldl import keep_rate_order
-from optima.linalg import Damping, cholesky_escalating, reconstruction_error
+from optima.linalg import cholesky_escalating, reconstruction_error
 from optima.masks import Pattern
-from optima.solver import SolverOptions, solve_pinned
+from optima.problem import LayerProblem
+from optima.solver import SolverOptions
 
 
 @dataclass
@@ -78,40 +78,35 @@ def propose_swaps(keep: torch.Tensor, gain: torch.Tensor, loss: torch.Tensor, bu
 
 
 @torch.no_grad()
-def refine_mask(weight: torch.Tensor, hessian: torch.Tensor, damped: torch.Tensor, keep: torch.Tensor,
-                solved: torch.Tensor, pattern: Pattern, damping: Damping, options: SolverOptions | None = None,
-                rounds: int = 1, *, swap_fraction: float = 0.05,
-                weight_range: tuple[torch.Tensor, torch.Tensor] | None = None,
-                order: torch.Tensor | None = None) -> RefineResult:
-    """Refine ``keep`` by up to ``rounds`` rounds of exactly re-solved, exactly accepted swaps.
+def refine_mask(problem: LayerProblem, solved: torch.Tensor, options: SolverOptions | None = None,
+                rounds: int = 1, *, swap_fraction: float = 0.05) -> RefineResult:
+    """Refine ``problem.keep`` by up to ``rounds`` rounds of exactly re-solved, exactly accepted swaps.
 
-    ``hessian`` is the undamped H (the objective rows are accepted on), ``damped`` and ``damping``
-    what ``solve_pinned`` solves with, ``solved`` its solution for ``keep``. A row starts with a
-    budget of ``swap_fraction`` of its pruned weights (at least one swap); a rejected row halves it
-    and stops at zero. Stops early once no row has a swap left to try. ``weight_range`` is passed
-    to the solver as in ``prune_weight`` (``keep_row_range``), ``order`` as in ``solve_pinned``
-    (default: from ``keep``; rows re-solved in a round are a subset of them).
+    Rows are accepted on the undamped ``problem.hessian``, re-solved with ``problem.damped`` (its
+    weight range and input order included); ``solved`` is the solver's solution for ``problem.keep``.
+    Every row of ``problem`` is refined (a process passes its own rows: ``problem.own()``). A row
+    starts with a budget of ``swap_fraction`` of its pruned weights (at least one swap); a rejected
+    row halves it and stops at zero. Stops early once no row has a swap left to try.
     """
     options = options or SolverOptions()
-    w = weight.to(options.torch_dtype)
-    h = damped.to(w.dtype)
-    keep = keep.clone()
+    w = problem.weight.to(options.torch_dtype)
+    h = problem.damped.to(w.dtype)
+    problem = replace(problem, weight=w, damped=h)
+    keep = problem.keep.clone()
     new = solved.to(w.dtype) * keep
-    objective = reconstruction_error(new, w, hessian)
-    order = keep_rate_order(keep) if order is None else order
-    hinv_diag = torch.cholesky_inverse(cholesky_escalating(h, damping)[1]).diagonal()
+    objective = reconstruction_error(new, w, problem.hessian)
+    hinv_diag = torch.cholesky_inverse(cholesky_escalating(h, problem.damping)[1]).diagonal()
     budget = ((~keep).sum(1) * swap_fraction).ceil().clamp_min(1).long()
     objectives, accepted_rows = [float(objective.sum())], []
     for _ in range(rounds if keep.shape[0] else 0):   # (a process's share of rows may be empty)
-        trial = propose_swaps(keep, *swap_scores(w, new, keep, h, hinv_diag), budget, pattern)
+        trial = propose_swaps(keep, *swap_scores(w, new, keep, h, hinv_diag), budget, problem.pattern)
         rows = (trial != keep).any(1).nonzero().squeeze(1)
         budget[(budget > 0) & (trial == keep).all(1)] = 0  # nothing left worth trying in those rows
         if rows.numel() == 0:
             break
-        bounds = None if weight_range is None else tuple(b[rows] for b in weight_range)
-        delta = solve_pinned(h, w[rows], trial[rows], damping, options, bounds, order).delta
+        delta = problem.rows(rows, trial[rows]).solve(options).delta
         candidate = (w[rows] + delta.to(w.dtype)) * trial[rows]
-        cand_objective = reconstruction_error(candidate, w[rows], hessian)
+        cand_objective = reconstruction_error(candidate, w[rows], problem.hessian)
         better = cand_objective < objective[rows]
         accepted = rows[better]
         keep[accepted], new[accepted], objective[accepted] = trial[accepted], candidate[better], cand_objective[better]

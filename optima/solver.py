@@ -549,7 +549,7 @@ def choose_method(d: int, smaller_set: int) -> str:
 
 @torch.no_grad()
 def solve_pinned(hessian: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, damping: Damping,
-                 options: SolverOptions | None = None,
+                 options: SolverOptions | None = None, *,
                  weight_range: tuple[torch.Tensor, torch.Tensor] | None = None,
                  order: torch.Tensor | None = None) -> QPResult:
     """The OPTIMA row problem: best update of the kept weights once the pruned ones are zero.

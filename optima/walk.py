@@ -137,8 +137,9 @@ def _accumulate(layers: dict[str, nn.Module], forward: Callable[[], Any], config
 
 
 def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianAccumulator], block: int,
-                  config: PruneConfig, report: PruneReport, run: RunOptions) -> None:
+                  walk: _Walk) -> None:
     """Prune each layer of block ``block`` from its accumulated Hessian and record it in the report."""
+    config, report, run = walk.config, walk.report, walk.run
     for name, layer in layers.items():
         acc = accumulators.pop(name)
         start = time.perf_counter()
@@ -186,50 +187,62 @@ def _timed(report: PruneReport, phase: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def _walk_sequential(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any],
-                     per_block: list[dict[str, nn.Module]], config: PruneConfig, run: RunOptions,
-                     checkpoints: BlockCheckpoints | None, report: PruneReport) -> None:
+@dataclass
+class _Walk:
+    """What every step of a walk over the model shares."""
+
+    model: nn.Module
+    batches: Sequence[Any]
+    run_batch: Callable[[Any], Any]
+    per_block: list[dict[str, nn.Module]]   # the layers to prune, block by block
+    config: PruneConfig
+    run: RunOptions
+    checkpoints: BlockCheckpoints | None
+    report: PruneReport
+
+
+def _walk_sequential(walk: _Walk) -> None:
     """Calibrate and prune each block on the outputs of the already pruned blocks before it."""
-    _, blocks = find_blocks(model)
-    inputs = _timed(report, "forward", lambda: capture_block_inputs(model, batches, run_batch))
+    run, report = walk.run, walk.report
+    _, blocks = find_blocks(walk.model)
+    inputs = _timed(report, "forward", lambda: capture_block_inputs(walk.model, walk.batches, walk.run_batch))
     if run.execution_device is not None:
         inputs.to(run.execution_device)
-    for i, (block, layers) in enumerate(zip(blocks, per_block)):
+    for i, (block, layers) in enumerate(zip(blocks, walk.per_block)):
         if run.on_block:
             run.on_block(i, len(blocks))
         home = next(block.parameters()).device
         if run.execution_device is not None:
             block.to(run.execution_device)
-        saved = checkpoints.load(i) if checkpoints else None
+        saved = walk.checkpoints.load(i) if walk.checkpoints else None
         if saved is not None:
             _restore_block(layers, saved, report, run)
         else:
             accumulators = _timed(report, "forward+hessian", lambda: _accumulate(
-                layers, lambda: [block(*a, **k) for a, k in inputs.calls], config, run))
-            _prune_layers(layers, accumulators, i, config, report, run)
-            _finish_block(i, layers, report, checkpoints)
+                layers, lambda: [block(*a, **k) for a, k in inputs.calls], walk.config, run))
+            _prune_layers(layers, accumulators, i, walk)
+            _finish_block(i, layers, report, walk.checkpoints)
         if i + 1 < len(blocks):
             outputs = _timed(report, "forward", lambda: [_hidden(block(*a, **k)) for a, k in inputs.calls])
             inputs.replace_hidden(outputs)
         block.to(home)
 
 
-def _walk_one_pass(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any],
-                   per_block: list[dict[str, nn.Module]], config: PruneConfig, run: RunOptions,
-                   checkpoints: BlockCheckpoints | None, report: PruneReport) -> None:
+def _walk_one_pass(walk: _Walk) -> None:
     """Accumulate every layer's Hessian in one pass of the dense model, then prune block by block."""
-    saved = [checkpoints.load(i) if checkpoints else None for i in range(len(per_block))]
+    run, report, per_block = walk.run, walk.report, walk.per_block
+    saved = [walk.checkpoints.load(i) if walk.checkpoints else None for i in range(len(per_block))]
     todo = {n: m for layers, done in zip(per_block, saved) if done is None for n, m in layers.items()}
     accumulators = _timed(report, "forward+hessian", lambda: _accumulate(
-        todo, lambda: [run_batch(b) for b in (batches if todo else ())], config, run))
+        todo, lambda: [walk.run_batch(b) for b in (walk.batches if todo else ())], walk.config, run))
     for i, layers in enumerate(per_block):
         if run.on_block:
             run.on_block(i, len(per_block))
         if saved[i] is not None:
             _restore_block(layers, saved[i], report, run)
         else:
-            _prune_layers(layers, accumulators, i, config, report, run)
-            _finish_block(i, layers, report, checkpoints)
+            _prune_layers(layers, accumulators, i, walk)
+            _finish_block(i, layers, report, walk.checkpoints)
 
 
 def _with_owl_budgets(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[Any], Any],
@@ -273,7 +286,7 @@ def prune_model(model: nn.Module, batches: Sequence[Any], run_batch: Callable[[A
     was_training = model.training
     model.eval()
     try:
-        walk(model, batches, run_batch, per_block, config, run, checkpoints, report)
+        walk(_Walk(model, batches, run_batch, per_block, config, run, checkpoints, report))
     finally:
         model.train(was_training)
     return report

@@ -198,16 +198,16 @@ def test_damp_zero_on_full_rank_hessian_is_the_undamped_optimum(method):
 
 
 def test_a_worse_update_is_replaced_by_no_update(monkeypatch):
-    import optima.prune as prune_module
+    import optima.problem as problem_module
 
-    real = prune_module.solve_pinned
+    real = problem_module.solve_pinned
 
     def broken(*args, **kwargs):
         result = real(*args, **kwargs)
         result.delta = result.delta * 5.0  # numerical trouble, simulated
         return result
 
-    monkeypatch.setattr(prune_module, "solve_pinned", broken)
+    monkeypatch.setattr(problem_module, "solve_pinned", broken)
     hessian = correlated_hessian(32, seed=10)
     weight = torch.randn(4, 32, dtype=torch.float64)
     result = prune_weight(weight, hessian, PruneConfig(solver=SolverOptions(compile=False, dtype="float64")))

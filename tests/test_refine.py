@@ -11,6 +11,7 @@ from optima.config import PruneConfig
 from optima.hessian import damp_hessian
 from optima.loading import assets_dir
 from optima.masks import check_mask, magnitude_mask, parse_pattern, wanda_mask
+from optima.problem import LayerProblem
 from optima.prune import select_mask
 from optima.refine import refine_mask
 from optima.solver import SolverOptions, solve_pinned
@@ -22,12 +23,12 @@ STORIES = assets_dir() / "stories260K" / "stories260K.bin"
 WIKI = assets_dir() / "wikitext-2" / "valid.txt"
 
 
-def _refine(weight, hessian, keep, pattern, rounds=4, options=None, **kwargs):
+def _refine(weight, hessian, keep, pattern, rounds=4, options=None):
     """OPTIMA solve of ``keep``, then ``rounds`` of refinement; returns (initial solution, result)."""
     options = options or SolverOptions(compile=False)
-    damped, damping = damp_hessian(hessian, DAMP)
-    solved = (weight + solve_pinned(damped, weight, keep, damping, options).delta) * keep
-    return solved, refine_mask(weight, hessian, damped, keep, solved, pattern, damping, options, rounds, **kwargs)
+    problem = LayerProblem.build(weight, hessian, keep, pattern, damp=DAMP)
+    solved = (weight + problem.solve(options).delta) * keep
+    return solved, refine_mask(problem, solved, options, rounds)
 
 
 def _check(weight, hessian, keep, pattern, solved, result) -> None:
@@ -139,10 +140,12 @@ def test_weight_range_bounds_the_refined_weights():
     keep = wanda_mask(weight, hessian, pattern)
     low, high = weight.amin(1), weight.amax(1)
     options = SolverOptions(compile=False, method="pcg")
+    problem = LayerProblem.build(weight, hessian, keep, pattern, damp=DAMP, keep_row_range=True)
     damped, damping = damp_hessian(hessian, DAMP)
-    solved = (weight + solve_pinned(damped, weight, keep, damping, options, (low, high)).delta) * keep
-    result = refine_mask(weight, hessian, damped, keep, solved, pattern, damping, options, 3,
-                         weight_range=(low, high))
+    direct = solve_pinned(damped, weight, keep, damping, options, weight_range=(low, high))
+    assert torch.equal(problem.solve(options).delta, direct.delta)
+    solved = (weight + direct.delta) * keep
+    result = refine_mask(problem, solved, options, 3)
     _check(weight, hessian, keep, pattern, solved, result)
     assert sum(result.accepted_rows) > 0
     assert ((result.weight >= low[:, None]) & (result.weight <= high[:, None])).all()
