@@ -1,9 +1,9 @@
 """OPTIMA: one-shot pruning with exact per-row quadratic-program reconstruction.
 
 The engine works on plain tensors and modules: options (``optima.config``), Hessians
-(``optima.hessian``), masks (``optima.masks``, ``optima.sparsegpt``, ``optima.thanos``), the QP
-solver (``optima.solver``, its preconditioner ``optima.block_ldl``, ``optima.direct``), one layer
-(``optima.prune``), the walk over a model (``optima.walk``), the report (``optima.report``). The
+(``optima.hessian``), masks (``optima.masks``, ``optima.sparsegpt``, ``optima.thanos``), the shared
+linear algebra (``optima.linalg``), the QP solver (``optima.solver``, its CG kernel ``optima.cg``, its
+preconditioner ``optima.block_ldl``, ``optima.direct``), one layer (``optima.problem``, ``optima.prune``), the walk over a model (``optima.walk``), the report (``optima.report``). The
 Lightning adapters install as ``optima.callbacks`` (the engine never imports them).
 """
 

@@ -22,21 +22,20 @@ Preconditioners (applied after symmetric Jacobi scaling of H, which is always do
 Rows are solved in batches sized from ``SolverOptions.memory_budget``: besides the d x d
 matrices, only the weight, the mask and the returned update span the whole layer. With
 ``matmul="bfloat16"`` (or "tf32" on CUDA) CG multiplies low-precision copies of H and the
-preconditioner's factors, and iterative refinement in the solve's dtype restores full accuracy (``_refined_pcg``).
+preconditioner's factors, and iterative refinement in the solve's dtype restores full accuracy
+(``optima.cg.refined_pcg``). The CG kernel itself (its step, compile fallback and refinement) is ``optima.cg``.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from optima.block_ldl import BlockLDL, keep_rate_order
+from optima.cg import CGOptions, Operator, pcg, refined_pcg
 from optima.direct import solve_pinned_direct
 from optima.errors import OptionError, check_choice
 from optima.linalg import Damping, batch_rows, cholesky_escalating, quadratic_form
@@ -117,6 +116,12 @@ class SolverOptions:
     def stop_rule(self) -> Literal["gap", "residual"]:
         return self.stop or ("residual" if self.preconditioner == "jacobi" else "gap")
 
+    @property
+    def cg(self) -> CGOptions:
+        """How the CG kernel runs and stops under these options."""
+        return CGOptions(gap=self.stop_rule == "gap", tol=self.tol, max_iter=self.max_iter, compile=self.compile,
+                         check_every=self.check_every, matmul=self.matmul)
+
     def preconditioner_on(self, device: torch.device) -> Literal["ldl", "hinv", "jacobi"]:
         """The preconditioner used on ``device`` (``preconditioner``, or its default there)."""
         return self.preconditioner or ("hinv" if device.type == "cuda" else "ldl")
@@ -144,140 +149,14 @@ def default_memory_budget(device: torch.device) -> int:
     return 2 << 30
 
 
-def _masked_matmul(v: torch.Tensor, matrix: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
-    """Apply the free-set block of ``matrix`` to rows of ``v`` that are zero off the free set.
-
-    Every CG vector (x, r, p, z) stays zero on fixed entries, so no input masking is needed. A
-    low-precision ``matrix`` (bfloat16) multiplies a rounded copy of ``v``; the result comes back in
-    ``v``'s dtype.
-    """
-    return free * (v.to(matrix.dtype) @ matrix).to(v.dtype)
-
-
-Preconditioner = torch.Tensor | BlockLDL | None   # "hinv": the scaled inverse; "ldl"; "jacobi": None
-
-
-def _precondition(r: torch.Tensor, precond: Preconditioner, free: torch.Tensor) -> torch.Tensor:
-    """z = M^-1 r on each row's free set."""
-    if precond is None:
-        return r
-    if isinstance(precond, BlockLDL):
-        return precond.apply(r, free)
-    return _masked_matmul(r, precond, free)
-
-
-def _stop_measure(r: torch.Tensor, rz: torch.Tensor, gap: bool) -> torch.Tensor:
-    """What CG compares with each row's threshold: r^T z with the gap rule, else r^T r."""
-    return rz if gap else (r * r).sum(1)
-
-
-def _cg_step(x, r, p, rz, matrix, precond, free, threshold, gap):
-    """One PCG iteration for all rows; rows whose ``_stop_measure`` is below ``threshold`` stand still."""
-    active = _stop_measure(r, rz, gap) > threshold
-    ap = _masked_matmul(p, matrix, free)
-    pap = (p * ap).sum(1)
-    alpha = torch.where(active, rz / pap.clamp_min(torch.finfo(pap.dtype).tiny), torch.zeros_like(rz))
-    x = x + alpha[:, None] * p
-    r = r - alpha[:, None] * ap
-    z = _precondition(r, precond, free)
-    rz_new = (r * z).sum(1)
-    beta = torch.where(active, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), torch.zeros_like(rz))
-    p = z + beta[:, None] * p
-    rz = torch.where(active, rz_new, rz)
-    return x, r, p, rz, active
-
-
-@functools.cache
-def _compiled_cg_step() -> Callable:
-    """The CG iteration compiled once per process (torch.compile itself specializes per shape)."""
-    return torch.compile(_cg_step, dynamic=False, fullgraph=True)
-
-
-def _step_for(compile: bool | None, device: torch.device) -> Callable:
-    """The compiled CG iteration when asked (on CUDA by default), else the eager one."""
-    return _compiled_cg_step() if (compile if compile is not None else device.type == "cuda") else _cg_step
-
-
-def pcg(matrix: torch.Tensor, rhs: torch.Tensor, free: torch.Tensor, precond: Preconditioner,
-        options: SolverOptions, scale: torch.Tensor | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Solve ``matrix_FF x_F = rhs_F`` per row by preconditioned CG, x = 0 off the free set.
-
-    A row stops once its measure is ``options.tol`` (gap rule) or ``tol^2`` (residual rule) times
-    ``scale``: with the gap rule r^T z against ``scale`` = the objective at the start (required);
-    with the residual rule ||r||^2 against ``scale``, by default ||rhs||^2. With the eager step,
-    rows that stopped leave the batch at each check, so the matmuls shrink as rows converge (the
-    rows of a layer stop many iterations apart: bench/README.md).
-    Returns (x, iterations per row, converged per row, the final measure relative to its scale:
-    the gap bound, or the relative residual).
-    """
-    rows = rhs.shape[0]
-    rhs = rhs * free
-    gap = options.stop_rule == "gap"
-    if scale is None:
-        if gap:
-            raise ValueError("the gap rule needs the start objective as scale")
-        scale = (rhs * rhs).sum(1)
-    threshold = _stop_threshold(options, scale)
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    z = _precondition(r, precond, free)     # CG never writes into r or z in place: no copy needed
-    p = z.clone()
-    rz = (r * z).sum(1)
-    iterations = torch.zeros(rows, dtype=torch.int64, device=rhs.device)
-    step = _step_for(options.compile, rhs.device)
-    check_every = options.check_every or (8 if rhs.device.type == "cuda" else 1)
-    solution, measure = torch.zeros_like(rhs), torch.zeros_like(scale)
-    live, bar = torch.arange(rows, device=rhs.device), threshold   # the batch's rows and their thresholds
-    done = 0
-    while done < options.max_iter:
-        now = _stop_measure(r, rz, gap)
-        running = now > bar
-        if not running.any():
-            break
-        if step is _cg_step and not running.all():   # eager: stopped rows leave the batch (compiled: fixed shape)
-            stopped = live[~running]
-            solution[stopped], measure[stopped] = x[~running], now[~running]
-            live, x, r, p, rz, free, bar = (t[running] for t in (live, x, r, p, rz, free, bar))
-        for _ in range(min(check_every, options.max_iter - done)):
-            try:
-                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, bar, gap)
-            except Exception as err:  # a compiler problem must not stop a pruning run: finish this solve eagerly
-                if step is _cg_step:
-                    raise
-                warnings.warn(f"torch.compile of the CG step failed ({type(err).__name__}: {err}); "
-                              "running it eagerly", RuntimeWarning)
-                step = _cg_step
-                x, r, p, rz, active = step(x, r, p, rz, matrix, precond, free, bar, gap)
-            iterations[live] += active
-            done += 1
-    solution[live], measure[live] = x, _stop_measure(r, rz, gap)
-    return solution, iterations, measure <= threshold, _relative_measure(measure, scale, gap)
-
-
-def _stop_threshold(options: SolverOptions, scale: torch.Tensor) -> torch.Tensor:
-    """Each row's threshold on its stopping measure: ``tol`` (gap rule) or ``tol^2`` (residual rule) times
-    ``scale``."""
-    return (options.tol if options.stop_rule == "gap" else options.tol ** 2) * scale
-
-
-def _relative_measure(measure: torch.Tensor, scale: torch.Tensor, gap: bool) -> torch.Tensor:
-    """The final stopping measure relative to its scale: the gap bound, or the relative residual."""
-    relative = measure / scale.clamp_min(torch.finfo(measure.dtype).tiny)
-    return relative if gap else relative.sqrt()
-
-
 @dataclass
 class _ScaledProblem:
     """What every row batch of a layer shares: the Jacobi-scaled Hessian and the preconditioner."""
 
-    hs: torch.Tensor                   # scale H scale, unit diagonal (inputs in ``order``)
+    operator: Operator                 # scale H scale (unit diagonal, inputs in ``order``) and the preconditioner
     scale: torch.Tensor                # diag(H)^-1/2: weight units = scale * scaled units (in ``order``)
     order: torch.Tensor | None         # "ldl": the factorization's input order; None: as given
-    precond: Preconditioner
     exact_preconditioner: bool         # M^-1 >= (H_FF)^-1 holds, so r^T z bounds the gap
-    low_hs: torch.Tensor | None = None         # low-precision copies for CG's matmuls (options.matmul)
-    low_precond: Preconditioner = None
 
 
 def _check_order(order: torch.Tensor, d: int, device: torch.device) -> torch.Tensor:
@@ -309,12 +188,12 @@ def _scaled_problem(hessian: torch.Tensor, options: SolverOptions, damping: Damp
         precond = (BlockLDL.from_cholesky(chol, options.block_size) if kind == "ldl"
                    else torch.cholesky_inverse(chol))
         exact = used.value <= given.value  # else M^-1 < (H_FF)^-1 may hold: no proven bound
-    problem = _ScaledProblem(hs, scale, order, precond, exact)
+    operator = Operator(hs, precond)
     if options.matmul != "full":
         low = torch.bfloat16 if options.matmul == "bfloat16" else hs.dtype
-        problem.low_hs = hs.to(low)
-        problem.low_precond = precond.to(low) if precond is not None else None
-    return problem
+        operator.low_matrix = hs.to(low)
+        operator.low_precond = precond.to(low) if precond is not None else None
+    return _ScaledProblem(operator, scale, order, exact)
 
 
 def _row_batches(rows: int, d: int, element_size: int, options: SolverOptions,
@@ -390,7 +269,7 @@ def solve_box_qp(hessian: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     problem = _scaled_problem(hessian, options, damping)
     rows, d = lower.shape
     out = _Collected(rows, d, dtype, hessian.device)
-    for sl in _row_batches(rows, d, problem.hs.element_size(), options, hessian.device):
+    for sl in _row_batches(rows, d, problem.operator.matrix.element_size(), options, hessian.device):
         out.put(sl, _solve_batch(problem, lower[sl], upper[sl], options))
     return out.result(problem, options, damping)
 
@@ -403,7 +282,7 @@ def _projected_newton(problem: _ScaledProblem, l: torch.Tensor, u: torch.Tensor,
     PCG and backtracks along the projection arc. Returns (y, converged, CG iterations, relative
     KKT residual, the last CG solve's stopping measure, Newton iterations).
     """
-    hs = problem.hs
+    hs = problem.operator.matrix
     pinned = l == u
     box = ~pinned & (torch.isfinite(l) | torch.isfinite(u))
     y = torch.zeros_like(l).clamp(l, u)
@@ -439,65 +318,8 @@ def _newton_system(problem: _ScaledProblem, rhs: torch.Tensor, free: torch.Tenso
     """Solve the free-set Newton system per row: PCG, with low-precision matmuls plus refinement when asked."""
     scale = start_objective if options.stop_rule == "gap" else (rhs * rhs * free).sum(1)
     if options.matmul == "full":
-        return pcg(problem.hs, rhs, free, problem.precond, options, scale)
-    return _refined_pcg(problem, rhs * free, free, options, scale)
-
-
-REFINEMENT_TOL = 1e-2   # each refinement round's low-precision CG cuts its measure by this factor
-MAX_REFINEMENTS = 20
-
-
-@contextmanager
-def _matmul_precision(matmul: str) -> Iterator[None]:
-    """Let float32 matmuls use TF32 (on CUDA) inside the block when ``matmul == "tf32"``."""
-    before = torch.get_float32_matmul_precision()
-    if matmul == "tf32":
-        torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
-def _refined_pcg(problem: _ScaledProblem, rhs: torch.Tensor, free: torch.Tensor, options: SolverOptions,
-                 scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Iterative refinement: low-precision PCG on the full-precision residual, each correction kept
-    only where it lowers the full-precision stopping measure. Once a round fails to halve it (the
-    low-precision system too far from the true one: ill-conditioned H), the rows left finish
-    with full-precision PCG from where refinement got. Returns what ``pcg`` returns."""
-    gap = options.stop_rule == "gap"
-    threshold = _stop_threshold(options, scale)
-
-    def residual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = rhs - _masked_matmul(x, problem.hs, free)
-        z = _precondition(r, problem.precond, free)
-        return r, (r * z).sum(1) if gap else (r * r).sum(1)
-
-    inner = replace(options, matmul="full", tol=REFINEMENT_TOL if gap else REFINEMENT_TOL ** 0.5)
-    x = torch.zeros_like(rhs)
-    r, measure = rhs, residual(x)[1]
-    iterations = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
-    for _ in range(MAX_REFINEMENTS):
-        todo = measure > threshold
-        if not todo.any():
-            break
-        with _matmul_precision(options.matmul):
-            correction, iters, _, _ = pcg(problem.low_hs, r, free, problem.low_precond, inner,
-                                          measure if gap else None)
-        iterations += todo * iters
-        trial = x + todo[:, None] * correction
-        r_trial, m_trial = residual(trial)
-        better = (m_trial < measure)[:, None]
-        halved = bool((m_trial[todo] <= 0.5 * measure[todo]).all())
-        x, r, measure = torch.where(better, trial, x), torch.where(better, r_trial, r), torch.where(
-            better[:, 0], m_trial, measure)
-        if not halved:
-            break
-    if (measure > threshold).any():
-        correction, iters, _, _ = pcg(problem.hs, r, free, problem.precond, options, scale)
-        x, iterations = x + correction, iterations + iters
-        measure = residual(x)[1]
-    return x, iterations, measure <= threshold, _relative_measure(measure, scale, gap)
+        return pcg(problem.operator.matrix, rhs, free, problem.operator.precond, options.cg, scale)
+    return refined_pcg(problem.operator, rhs * free, free, options.cg, scale)
 
 
 def _projected_gradient_norm(y: torch.Tensor, g: torch.Tensor, lower: torch.Tensor,

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+import optima.cg as cg_module
 import optima.solver as solver_module
 from conftest import correlated_hessian, damped_objective, exact_update
 from optima import SolverOptions, damp_hessian, prune_weight, solve_box_qp
@@ -126,9 +127,9 @@ def test_real_minilm_layers_other_masks(minilm_layers, mask, pattern):
 def test_compiled_and_eager_solver_agree():
     hessian = correlated_hessian(64, seed=3, outlier_scale=10.0, decay=1e-2).float()
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
-    assert solver_module._step_for(True, torch.device("cpu")) is solver_module._compiled_cg_step()
-    assert solver_module._step_for(False, torch.device("cpu")) is solver_module._cg_step
-    assert solver_module._step_for(None, torch.device("cpu")) is solver_module._cg_step   # default: CUDA only
+    assert cg_module._step_for(True, torch.device("cpu")) is cg_module._compiled_cg_step()
+    assert cg_module._step_for(False, torch.device("cpu")) is cg_module._cg_step
+    assert cg_module._step_for(None, torch.device("cpu")) is cg_module._cg_step   # default: CUDA only
     runs = {}
     for compile in (False, True):
         solver = SolverOptions(method="pcg", compile=compile, stop="residual", block_size=16)  # 4 "ldl" blocks
@@ -153,7 +154,7 @@ def test_a_failing_compile_warns_and_finishes_eagerly_without_touching_the_optio
         attempts.append(1)
         raise RuntimeError("simulated compiler failure")
 
-    monkeypatch.setattr(solver_module, "_compiled_cg_step", lambda: broken_step)
+    monkeypatch.setattr(cg_module, "_compiled_cg_step", lambda: broken_step)
     solver = SolverOptions(method="pcg", compile=True)
     for run in (1, 2):   # the options are not changed: every solve tries the compiled step again
         with pytest.warns(RuntimeWarning, match=r"torch\.compile of the CG step failed \(RuntimeError: simulated "
@@ -170,7 +171,7 @@ def test_an_eager_step_error_is_not_swallowed(monkeypatch):
     def broken_step(*args):
         raise RuntimeError("a real bug")
 
-    monkeypatch.setattr(solver_module, "_cg_step", broken_step)
+    monkeypatch.setattr(cg_module, "_cg_step", broken_step)
     hessian = correlated_hessian(32, seed=3).float()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -441,10 +442,10 @@ def test_bfloat16_cg_alone_is_not_exact_so_refinement_is_needed():
     problem = solver_module._scaled_problem(damped, low, damping, order)
     w, kept = weight[:, order].float() / problem.scale, keep[:, order]
     free = kept.float()
-    start = (w * ~kept) @ problem.hs
-    x, *_ = solver_module.pcg(problem.low_hs, -(start * free), free, problem.low_precond,
-                              options("pcg", dtype=torch.float32, stop="gap", max_iter=500),
-                              ((w * ~kept) * start).sum(1))
+    start = (w * ~kept) @ problem.operator.matrix
+    x, *_ = cg_module.pcg(problem.operator.low_matrix, -(start * free), free, problem.operator.low_precond,
+                          options("pcg", dtype=torch.float32, stop="gap", max_iter=500).cg,
+                          ((w * ~kept) * start).sum(1))
     delta = torch.empty_like(x)
     delta[:, order] = torch.where(kept, x * problem.scale, -weight[:, order].float())
     assert damped_objective(weight + delta.double(), weight, hessian, DAMP) - best > 1e-4 * masked
@@ -467,13 +468,13 @@ def test_rows_that_stop_leave_the_cg_batch(monkeypatch):
     keep[:6] = True                     # rows with nothing pruned stop before the first iteration
     damped, damping = damp_hessian(hessian, DAMP)
     batch_rows = []
-    step = solver_module._cg_step
+    step = cg_module._cg_step
 
-    def recording_step(x, *args):
-        batch_rows.append(x.shape[0])
-        return step(x, *args)
+    def recording_step(state, system):
+        batch_rows.append(state.x.shape[0])
+        return step(state, system)
 
-    monkeypatch.setattr(solver_module, "_cg_step", recording_step)
+    monkeypatch.setattr(cg_module, "_cg_step", recording_step)
     whole = solve_pinned(damped, weight, keep, damping, options("pcg"))
     assert batch_rows[0] == 24 - 6 and batch_rows[-1] < batch_rows[0]          # the batch shrinks as rows stop
     assert sum(batch_rows) == int(whole.cg_iterations.sum())                  # and only running rows are multiplied
