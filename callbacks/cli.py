@@ -103,19 +103,16 @@ class EvaluationBar(TQDMProgressBar):
         super().on_test_start(trainer, pl_module)
         self.started = time.perf_counter()
 
-    @override
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
-        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        self._line(batch, batch_idx, dataloader_idx, self.total_val_batches_current_dataloader,
-                   len(trainer.num_val_batches))
+    def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                   batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Lightning's validation or test batch-end hook (whichever loop runs), then the plain-mode line."""
+        hook = super().on_test_batch_end if trainer.testing else super().on_validation_batch_end
+        hook(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        total, loaders = ((self.total_test_batches_current_dataloader, trainer.num_test_batches) if trainer.testing
+                          else (self.total_val_batches_current_dataloader, trainer.num_val_batches))
+        self._line(batch, batch_idx, dataloader_idx, total, len(loaders))
 
-    @override
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
-        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        self._line(batch, batch_idx, dataloader_idx, self.total_test_batches_current_dataloader,
-                   len(trainer.num_test_batches))
+    on_validation_batch_end = on_test_batch_end = _batch_end
 
     def _line(self, batch: Any, batch_idx: int, dataloader_idx: int, total: float, loaders: int) -> None:
         """In plain mode, a line when a dataloader's last batch is done: which one, its batches, the time so far."""
