@@ -53,6 +53,8 @@ METHODS = [  # (row label, PruneConfig options)
     ("SparseGPT-mask+OPTIMA", dict(mask="sparsegpt", update="optima")),
     ("Thanos", dict(mask="thanos", update="thanos")),
     ("Thanos-mask+OPTIMA", dict(mask="thanos", update="optima")),
+    ("ADMM", dict(mask="admm", update="admm")),
+    ("ADMM-mask+OPTIMA", dict(mask="admm", update="optima")),
     # OWL's layer budgets (unstructured only): Wanda as in the OWL paper, then with the exact update
     ("OWL-Wanda", dict(mask="wanda", update="none", layer_budgets="owl")),
     ("OWL-Wanda+OPTIMA", dict(mask="wanda", update="optima", layer_budgets="owl")),
@@ -63,7 +65,7 @@ METHODS = [  # (row label, PruneConfig options)
     ("OWL-SparseGPT-mask+OPTIMA+refine", dict(mask="sparsegpt", update="optima", layer_budgets="owl", mask_rounds=2)),
 ]
 WITHOUT_OPTIMA = {"magnitude+OPTIMA": "magnitude", "Wanda+OPTIMA": "Wanda", "SparseGPT-mask+OPTIMA": "SparseGPT",
-                  "Thanos-mask+OPTIMA": "Thanos", "Wanda+OPTIMA+refine": "Wanda",
+                  "Thanos-mask+OPTIMA": "Thanos", "ADMM-mask+OPTIMA": "ADMM", "Wanda+OPTIMA+refine": "Wanda",
                   "SparseGPT-mask+OPTIMA+refine": "SparseGPT"}
 PATTERNS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("2:4", None, "2:4")]
 README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"

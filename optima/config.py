@@ -16,10 +16,10 @@ from optima.errors import OptionError, check_choice  # noqa: F401  (users import
 from optima.masks import MASK_SELECTORS, Pattern, parse_pattern
 from optima.model import LayerSelection
 from optima.solver import SolverOptions
-Mask = Literal["magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thanos"]
-Update = Literal["none", "optima", "sparsegpt", "thanos"]
+Mask = Literal["magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thanos", "admm"]
+Update = Literal["none", "optima", "sparsegpt", "thanos", "admm"]
 Precision = Literal["float32", "float64"]
-OWN_UPDATES = ("sparsegpt", "thanos")  # a selector's own update, made while it chooses the mask
+OWN_UPDATES = ("sparsegpt", "thanos", "admm")  # a selector's own update, made while it chooses the mask
 assert get_args(Mask) == MASK_SELECTORS
 
 
@@ -42,10 +42,13 @@ class PruneConfig:
         pattern: "unstructured", or "N:M": at most N weights kept in every M consecutive inputs.
         mask: Which weights to zero: magnitude (|W|, one threshold per layer), wanda
             (|W| * ||x||, per row), sparsegpt (OBS saliency per column block, with its greedy
-            update), sparsegpt-rowwise (the same, per row), thanos (block-wise OBS, per layer).
+            update), sparsegpt-rowwise (the same, per row), thanos (block-wise OBS, per layer),
+            admm (Boza's ADMM: the mask re-chosen per layer while ADMM moves the weights).
         update: How the kept weights move: none; optima (the exact per-row optimum);
-            sparsegpt or thanos (the selector's own greedy update; needs that mask).
+            sparsegpt, thanos or admm (the selector's own update; needs that mask).
         damp: Relative damping: damp * mean(diag H) is added to the Hessian's diagonal.
+        admm_damp: The admm selector's own relative damping (its reference's 0.1; ``damp`` stays
+            the OPTIMA solve's).
         mask_block: Columns per lazy-update block of the sparsegpt and thanos selectors.
         sequential: Prune block by block, feeding each pruned block's outputs to the next
             (SparseGPT's scheme); false: every Hessian from one pass of the dense model.
@@ -71,6 +74,7 @@ class PruneConfig:
     mask: Mask = "wanda"
     update: Update = "optima"
     damp: float = 0.01
+    admm_damp: float = 0.1
     mask_block: int = 128
     sequential: bool = True
     targets: list[str] = field(default_factory=list)
@@ -108,6 +112,8 @@ class PruneConfig:
             raise OptionError("mask_rounds", "refines the mask by exact OPTIMA re-solves: needs update='optima'")
         if not self.damp >= 0:
             raise OptionError("damp", f"must be >= 0, got {self.damp}")
+        if not self.admm_damp >= 0:
+            raise OptionError("admm_damp", f"must be >= 0, got {self.admm_damp}")
         if self.mask_block < 1:
             raise OptionError("mask_block", f"must be a positive number of columns, got {self.mask_block}")
         for option, regexes in (("targets", self.targets), ("ignore", self.ignore), ("layer_sparsity", self.layer_sparsity)):

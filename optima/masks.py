@@ -21,11 +21,11 @@ from typing import Literal
 
 import torch
 
-MASK_SELECTORS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thanos")
+MASK_SELECTORS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thanos", "admm")
 Scope = Literal["row", "block", "layer"]
 # Where each selector compares its scores for unstructured sparsity (N:M is always per group of a row).
 MASK_SCOPES: dict[str, Scope] = {"magnitude": "layer", "wanda": "row", "sparsegpt": "block",
-                                 "sparsegpt-rowwise": "row", "thanos": "layer"}
+                                 "sparsegpt-rowwise": "row", "thanos": "layer", "admm": "layer"}
 
 
 @dataclass(frozen=True)

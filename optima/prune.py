@@ -7,10 +7,12 @@ Hessian in, mask and new weight out, with the numbers that say how well it went.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from optima.admm import admm
 from optima.config import OWN_UPDATES, PruneConfig
 from optima.linalg import Damping, reconstruction_error
 from optima.masks import Pattern, score_mask
@@ -21,9 +23,17 @@ from optima.solver import SolverOptions
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
 from optima.thanos import thanos
 
-# Selectors that update the weights as they choose the mask: (weight, H, pattern, mask_block, damp)
-# -> (updated weight, keep, damping). Their own update is named after the method ("sparsegpt", "thanos").
-GREEDY_SELECTORS = {"sparsegpt": sparsegpt, "sparsegpt-rowwise": sparsegpt_rowwise, "thanos": thanos}
+# Selectors that update the weights as they choose the mask: (weight, H, pattern, config) -> (updated
+# weight, keep, damping), each reading its own options. Their own update is named after the method.
+GREEDY_SELECTORS: dict[str, Callable[[torch.Tensor, torch.Tensor, Pattern, PruneConfig],
+                                     tuple[torch.Tensor, torch.Tensor, Damping]]] = {
+    "sparsegpt": lambda w, h, pattern, c: sparsegpt(w, h, pattern, mask_block=c.mask_block, damp=c.damp),
+    "sparsegpt-rowwise": lambda w, h, pattern, c: sparsegpt_rowwise(w, h, pattern, mask_block=c.mask_block,
+                                                                     damp=c.damp),
+    "thanos": lambda w, h, pattern, c: thanos(w, h, pattern, mask_block=c.mask_block, damp=c.damp),
+    "admm": lambda w, h, pattern, c: admm(w, h, pattern, damp=c.admm_damp),
+}
+OWN_DAMPING = ("admm",)  # selectors that damp by their own rule, not config.damp escalated
 
 
 @dataclass
@@ -93,8 +103,7 @@ def select_mask(w: torch.Tensor, h: torch.Tensor, pattern: Pattern,
                 config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor | None, Damping | None]:
     """The keep-mask of ``config.mask``; greedy selectors also return their updated weight and damping."""
     if config.mask in GREEDY_SELECTORS:
-        greedy, keep, damping = GREEDY_SELECTORS[config.mask](w, h, pattern, mask_block=config.mask_block,
-                                                              damp=config.damp)
+        greedy, keep, damping = GREEDY_SELECTORS[config.mask](w, h, pattern, config)
         return keep, greedy, damping
     return score_mask(config.mask, w, h, pattern), None, None
 
@@ -107,7 +116,7 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
 
     ``config.mask`` picks the weights to zero (under ``pattern``, default the config's
     own), ``config.update`` moves the survivors: ``"none"`` leaves them, ``"sparsegpt"`` /
-    ``"thanos"`` are the selector's greedy update, ``"optima"`` the exact per-row optimum.
+    ``"thanos"`` / ``"admm"`` are the selector's own update, ``"optima"`` the exact per-row optimum.
     A given ``keep`` mask skips selection. The update is never allowed to make the layer
     worse than no update on the same mask; if it would, the result says so and keeps the better.
     With ``share`` (several processes, same weight and Hessian) each process solves its share of
@@ -138,7 +147,8 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
     if config.update == "none":
         new, update = masked, _damping_fields(problem.damping, problem.damping)
     elif config.update in OWN_UPDATES:
-        new, update = greedy, _damping_fields(greedy_damping, problem.damping, f" for {config.mask}")
+        requested = greedy_damping if config.mask in OWN_DAMPING else problem.damping
+        new, update = greedy, _damping_fields(greedy_damping, requested, f" for {config.mask}")
     else:
         new, update = _optima_update(problem, config.solver)
     new = new * keep  # pruned entries are exact zeros whatever the arithmetic did

@@ -291,7 +291,7 @@ def test_test_subcommand_evaluates_the_test_split_and_writes_nothing(tmp_path, d
     (["--pruning.config.sparsity=1.5"], "--pruning.config.sparsity: sparsity must be in (0, 1), got 1.5"),
     (["--pruning.config.pattern=5:4"], "--pruning.config.pattern: pattern '5:4' needs 0 < N < M"),
     (["--pruning.config.mask=foo"], "Parser key \"pruning.config.mask\": Expected a typing.Literal['magnitude', "
-                                    "'wanda', 'sparsegpt', 'sparsegpt-rowwise', 'thanos']. Got value: foo"),
+                                    "'wanda', 'sparsegpt', 'sparsegpt-rowwise', 'thanos', 'admm']. Got value: foo"),
     (["--pruning.config.update=sparsegpt"], "--pruning.config.update: 'sparsegpt' is sparsegpt's own update"),
     (["--pruning.config.pattern=4:8", "--pruning.config.sparsity=null"],
      "--pruning.config.pattern: pattern 4:8 needs d_in divisible by 8, got 172 (model.layers.0.mlp.down_proj)"),
@@ -479,7 +479,7 @@ def test_help_says_what_the_tool_does_and_lists_the_recipes():
     assert fit_help.startswith("usage: optima fit [-h] [--config RECIPE ...]")
     assert "--print_config' prints every value a recipe sets" in top and "'--model.help optima.callbacks.lm.CausalLM'" in top
     fit_help = " ".join(fit_help.split())
-    assert "--pruning.config.mask {magnitude,wanda,sparsegpt,sparsegpt-rowwise,thanos}" in fit_help
+    assert "--pruning.config.mask {magnitude,wanda,sparsegpt,sparsegpt-rowwise,thanos,admm}" in fit_help
     assert "Which weights to zero: magnitude" in fit_help                 # PruneConfig's Args: text
 
 
