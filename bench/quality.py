@@ -74,13 +74,16 @@ README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:e
 class CausalLMBench:
     """A causal LM measured exactly as its recipe measures it (perplexities, zero-shot accuracy)."""
 
-    def __init__(self, name: str, recipe: str, seed: int = 0) -> None:
+    def __init__(self, name: str, recipe: str, seed: int = 0, calibration_len: int | None = None) -> None:
         self.name, self.recipe, self.seed = name, recipe, seed
+        # rows with another calibration window length than the recipe's go to their own results file
+        self.results_name = results_name(name, calibration_len)
         config = yaml.safe_load((ROOT / recipe).read_text())
         # the CLI links pruning.calibration_samples into the data module; do the same
         # every zero-shot item (the recipe's zero_shot_items keeps its command short), so the protocol says so
         self.data = TextData(**{**config["data"]["init_args"], "seed": seed, "zero_shot_items": None,
-                                "calibration_samples": config["pruning"]["calibration_samples"]})
+                                "calibration_samples": config["pruning"]["calibration_samples"],
+                                "calibration_len": calibration_len})
         self.config = config["pruning"]["config"]
         self.data.setup("fit")
         self.dense = load_model(config["model"]["init_args"]["model"]).eval()
@@ -118,6 +121,7 @@ class MiniLMBench:
     """all-MiniLM-L6-v2: mean cosine of pruned to dense sentence embeddings."""
 
     name, recipe, seed = "all-MiniLM-L6-v2", "recipes/minilm.yaml", 0
+    results_name = name
     protocol = ("calibration: 128 windows x 128 tokens of WikiText-2 valid, seed 0; "
                 "cosine on the first 512 sentences of WikiText-2 test")
 
@@ -146,10 +150,15 @@ class MiniLMBench:
 
 
 BENCHES = {
-    "SmolLM2-135M": lambda seed=0: CausalLMBench("SmolLM2-135M", "recipes/smollm2.yaml", seed),
-    "stories260K": lambda seed=0: CausalLMBench("stories260K", "recipes/stories260k.yaml", seed),
-    "all-MiniLM-L6-v2": lambda seed=0: MiniLMBench(),
+    "SmolLM2-135M": lambda seed=0, length=None: CausalLMBench("SmolLM2-135M", "recipes/smollm2.yaml", seed, length),
+    "stories260K": lambda seed=0, length=None: CausalLMBench("stories260K", "recipes/stories260k.yaml", seed, length),
+    "all-MiniLM-L6-v2": lambda seed=0, length=None: MiniLMBench(),
 }
+
+
+def results_name(model: str, calibration_len: int | None) -> str:
+    """The results file's name: the model's, with the calibration window length when not the recipe's."""
+    return model if calibration_len is None else f"{model}-cal{calibration_len}"
 
 
 def results_path(model: str) -> Path:
@@ -172,7 +181,7 @@ def measure(bench, patterns: list[str], methods: list[str], resume: bool, consol
     With ``models_dir`` every pruned model is saved there (safetensors), and a resumed row whose
     metrics lack the zero-shot suite is scored again from its saved model instead of pruned again.
     """
-    saved = load_results(bench.name) if resume else {"rows": []}
+    saved = load_results(bench.results_name) if resume else {"rows": []}
     saved.update(model=bench.name, recipe=bench.recipe, protocol=bench.protocol, torch=torch.__version__,
                  threads=torch.get_num_threads())
     rows = {row_key(r): r for r in saved["rows"]}
@@ -180,7 +189,7 @@ def measure(bench, patterns: list[str], methods: list[str], resume: bool, consol
     def record(row: dict) -> None:
         rows[row_key(row)] = row
         saved["rows"] = list(rows.values())
-        write_atomic(results_path(bench.name), json.dumps(saved, indent=1))
+        write_atomic(results_path(bench.results_name), json.dumps(saved, indent=1))
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items() if isinstance(v, float))
         console.print(f"{bench.name} {row['pattern']} {row['method']} seed {row.get('seed', 0)}: {metrics}, "
                       f"layer error {row['error']:.4g}, {row['seconds']:.1f}s")
@@ -192,7 +201,7 @@ def measure(bench, patterns: list[str], methods: list[str], resume: bool, consol
 
     def weights(key: tuple) -> Path | None:
         pattern = key[0].replace(":", "of").replace("%", "pc")
-        return None if models_dir is None else models_dir / f"{bench.name}-{pattern}-{key[1]}-seed{key[2]}.safetensors"
+        return None if models_dir is None else models_dir / f"{bench.results_name}-{pattern}-{key[1]}-seed{key[2]}.safetensors"
 
     if not complete(("-", "dense", 0)):
         record({"pattern": "-", "method": "dense", "metrics": bench.score(bench.dense, zero_shot), "error": 0.0,
@@ -321,6 +330,33 @@ def seeds_markdown(saved: dict) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def budget_markdown(model: str) -> str | None:
+    """Rows measured at other calibration window lengths (``--calibration-len``) beside the recipe's."""
+    budgets = sorted(RESULTS.glob(f"quality-{model}-cal*.json"), key=lambda p: int(p.stem.rsplit("-cal", 1)[1]))
+    if not budgets:
+        return None
+    base = load_results(model)
+    measured = {row_key(r) for path in budgets for r in json.loads(path.read_text())["rows"] if r["method"] != "dense"}
+    runs = [(base["protocol"].split("seq_len=")[1].split(",")[0], base)]
+    runs += [(path.stem.rsplit("-cal", 1)[1], json.loads(path.read_text())) for path in budgets]
+    lines = [f"**{model}, calibration budget** (128 random windows of the given length, seed 0; the evaluation "
+             "protocol of the table above; calibration s = forward passes and Hessians; the walk keeps the "
+             "block inputs, 128 x length x hidden size float32 values)", "",
+             "| pattern | method | tokens per window | wikitext2 ppl | ptb ppl | zero-shot mean | mean layer rel. error "
+             "| calibration s | pruning time s |", "|---|---|" + "---:|" * 7]
+    for key in sorted(measured, key=lambda k: (k[0], k[1])):
+        for length, saved in runs:
+            row = next((r for r in saved["rows"] if row_key(r) == key), None)
+            if row is None:
+                continue
+            m = row["metrics"]
+            zero_shot = _points(*suite_mean(suite_of(row))) if "suite" in m else "-"
+            lines.append(f"| {key[0]} | {key[1]} | {length} | {_cell(m.get('wikitext2 ppl'))} | {_cell(m.get('ptb ppl'))} "
+                         f"| {zero_shot} | {row['error']:.4g} | {row['breakdown'].get('forward+hessian', 0):.1f} "
+                         f"| {row['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def speed(saved: dict) -> str | None:
     """Wanda+OPTIMA against Wanda and SparseGPT at 50%, with where Wanda+OPTIMA spent its time."""
     pick = {r["method"]: r for r in saved["rows"] if r["pattern"] == "50%"}
@@ -339,6 +375,7 @@ def readme_section(models: list[str]) -> str:
     text += "\n".join(markdown(s) for s in saved)
     for extra in (suite_markdown, seeds_markdown):
         text += "".join("\n" + table for table in map(extra, saved) if table)
+    text += "".join("\n" + table for table in map(budget_markdown, models) if table)
     if speeds:
         text += ("\nEnd-to-end pruning time at 50% unstructured (wall clock of the rows above):\n\n"
                  "| model | Wanda+OPTIMA s | Wanda s | SparseGPT s | OPTIMA / SparseGPT | where Wanda+OPTIMA spent it |\n"
@@ -372,6 +409,9 @@ def main() -> None:
                         help="save every pruned model here; --resume then adds missing zero-shot scores from them")
     parser.add_argument("--no-zero-shot", action="store_true",
                         help="perplexity only (a later --resume --models-dir run adds the zero-shot suite)")
+    parser.add_argument("--calibration-len", type=int, default=None,
+                        help="tokens per calibration window instead of the recipe's (the causal LMs; rows go "
+                             "to bench/results/quality-MODEL-calN.json, the README's calibration budget table)")
     parser.add_argument("--write-readme", action="store_true",
                         help="only rebuild the README's quality section from the saved results")
     args = parser.parse_args()
@@ -388,9 +428,10 @@ def main() -> None:
     torch.manual_seed(0)
     for name in args.models:
         for seed in args.seeds if name != "all-MiniLM-L6-v2" else [0]:
-            measure(BENCHES[name](seed), args.patterns, args.methods, args.resume or seed != args.seeds[0], console,
+            measure(BENCHES[name](seed, args.calibration_len), args.patterns, args.methods, args.resume or seed != args.seeds[0], console,
                     args.models_dir, not args.no_zero_shot)
-    print_tables(args.models, console)
+    print_tables([results_name(m, None if m == "all-MiniLM-L6-v2" else args.calibration_len) for m in args.models],
+                 console)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,9 @@ class TextData(pl.LightningDataModule):
         evaluation: text(s) for perplexity: one source, or ``{name: source}`` for several
             (logged as ``val/NAME_perplexity``); None skips perplexity.
         seq_len: tokens per window, the BOS token included when one is used.
+        calibration_len: tokens per calibration window (None: ``seq_len``); a longer one buys
+            Hessians from more tokens (the OPTIMA paper calibrates on 128 x 2048) at the cost of
+            calibration time, while the evaluation windows stay ``seq_len`` long.
         calibration_samples: number of random calibration windows (seeded).
         batch_size: windows per batch.
         eval_windows: cap on evaluation windows per text (None: the whole text).
@@ -168,9 +171,12 @@ class TextData(pl.LightningDataModule):
                  seq_len: int = 128, calibration_samples: int = 128, batch_size: int = 8,
                  eval_windows: int | None = None, seed: int = 0, bos: bool | None = None,
                  zero_shot: dict[str, str] | None = None, zero_shot_items: int | None = None,
-                 zero_shot_batch_size: int = 128, max_length: int = 2048) -> None:
+                 zero_shot_batch_size: int = 128, max_length: int = 2048,
+                 calibration_len: int | None = None) -> None:
         super().__init__()
         check_window_options(seq_len, calibration_samples, batch_size)
+        if calibration_len is not None and calibration_len < 2:
+            raise OptionError("data.init_args.calibration_len", f"must be >= 2, got {calibration_len}")
         texts = [("data.init_args.calibration", calibration),
                  *(("data.init_args.evaluation", source) for source in self.evaluation_sources(evaluation).values())]
         for option, source in texts:
@@ -218,8 +224,10 @@ class TextData(pl.LightningDataModule):
         if hp.bos and self.bos is None:
             raise OptionError("data.init_args.bos", f"bos=True, but the tokenizer {hp.tokenizer} has no BOS token")
         text_len = hp.seq_len - (self.bos is not None)
-        ids = read_tokens("data.init_args.calibration", hp.calibration, tokenizer, hp.seq_len, self.bos)
-        self.calibration_ids = prefix_token(random_windows(ids, text_len, hp.calibration_samples, hp.seed), self.bos)
+        calibration_len = self.calibration_len
+        ids = read_tokens("data.init_args.calibration", hp.calibration, tokenizer, calibration_len, self.bos)
+        self.calibration_ids = prefix_token(random_windows(ids, calibration_len - (self.bos is not None),
+                                                           hp.calibration_samples, hp.seed), self.bos)
         for name, source in self.evaluation_sources(hp.evaluation).items():
             ids = read_tokens("data.init_args.evaluation", source, tokenizer, hp.seq_len, self.bos)
             self.evaluation_ids[name] = prefix_token(consecutive_windows(ids, text_len, hp.eval_windows), self.bos)
@@ -228,6 +236,11 @@ class TextData(pl.LightningDataModule):
                 read_task(name, source, hp.zero_shot_items)
             except ValueError as err:
                 raise OptionError("data.init_args.zero_shot", str(err)) from None
+
+    @property
+    def calibration_len(self) -> int:
+        """Tokens per calibration window."""
+        return self.hparams.calibration_len or self.hparams.seq_len
 
     def protocol(self) -> str:
         """How the numbers were measured, printed beside them."""
@@ -240,7 +253,8 @@ class TextData(pl.LightningDataModule):
         if self.zero_shot_tasks:
             choices += (", zero-shot mean of " + ", ".join(f"{n} {TASKS[n].metric}" for n in self.zero_shot_tasks)
                         + " (MMLU has no offline copy)")
-        return (f"calibration={hp.calibration} ({hp.calibration_samples} random windows, seed={hp.seed}), "
+        length = "" if self.calibration_len == hp.seq_len else f" of {self.calibration_len} tokens"
+        return (f"calibration={hp.calibration} ({hp.calibration_samples} random windows{length}, seed={hp.seed}), "
                 f"{texts}{choices}, seq_len={hp.seq_len}, bos={'none' if self.bos is None else self.bos}")
 
     def _loader(self, windows: torch.Tensor, name: str = "") -> DataLoader:

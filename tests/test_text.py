@@ -50,6 +50,19 @@ def test_windows_start_with_bos_exactly_when_the_tokenizer_adds_one(tmp_path, co
     assert torch.equal(text_ids.reshape(-1), expected)
 
 
+def test_calibration_windows_can_be_longer_than_the_evaluation_windows(tmp_path, corpus):
+    spec = word_tokenizer(tmp_path / "tok", True)
+    data = TextData(spec, corpus, {"text": corpus}, seq_len=16, calibration_samples=5, eval_windows=3,
+                    calibration_len=40)
+    data.setup("fit")
+    assert data.calibration_ids.shape == (5, 40) and (data.calibration_ids[:, 0] == 1).all()
+    assert data.evaluation_ids["text"].shape == (3, 16)
+    assert "(5 random windows of 40 tokens, seed=0)" in data.protocol()
+    same = TextData(spec, corpus, seq_len=16, calibration_samples=5, calibration_len=16)
+    same.setup("fit")
+    assert "(5 random windows, seed=0)" in same.protocol()
+
+
 def test_bos_can_be_forced_off_or_on(tmp_path, corpus):
     with_bos, without = word_tokenizer(tmp_path / "a", True), word_tokenizer(tmp_path / "b", False)
     off = TextData(with_bos, corpus, seq_len=16, calibration_samples=4, bos=False)
