@@ -19,6 +19,7 @@ from optima.solver import SolverOptions
 Mask = Literal["magnitude", "wanda", "sparsegpt", "sparsegpt-rowwise", "thanos", "admm"]
 Update = Literal["none", "optima", "sparsegpt", "thanos", "admm"]
 Precision = Literal["float32", "float64"]
+Target = Literal["self", "dense"]
 OWN_UPDATES = ("sparsegpt", "thanos", "admm")  # a selector's own update, made while it chooses the mask
 assert get_args(Mask) == MASK_SELECTORS
 
@@ -52,6 +53,15 @@ class PruneConfig:
         mask_block: Columns per lazy-update block of the sparsegpt and thanos selectors.
         sequential: Prune block by block, feeding each pruned block's outputs to the next
             (SparseGPT's scheme); false: every Hessian from one pass of the dense model.
+        true_sequential: With sequential, also within a block: the layers are pruned group by group
+            in the order they run (a Llama block: q/k/v, o, gate/up, down), each group's Hessian
+            from the inputs the block's already pruned groups produce (SparseGPT's
+            ``--true-sequential``); one calibration pass over the block per group.
+        target: What each layer's update fits: "self", its own outputs on the inputs it receives
+            from the pruned blocks before it, ``||X~ (W' - W)^T||`` (SparseGPT's and the paper's
+            objective); "dense", the outputs the dense model produces there, ``||X~ W'^T - X W^T||``
+            (error-correcting: the walk keeps a second, dense stream of block inputs). Needs
+            sequential and an update.
         targets: Regexes; when given, only layers whose name matches one are pruned.
         ignore: Regexes of layer names left dense. Only layers inside the model's stack of
             blocks are ever pruned (embeddings and the LM head never are).
@@ -77,6 +87,8 @@ class PruneConfig:
     admm_damp: float = 0.1
     mask_block: int = 128
     sequential: bool = True
+    true_sequential: bool = False
+    target: Target = "self"
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     skip_attention: bool = False
@@ -89,6 +101,21 @@ class PruneConfig:
         check_choice("mask", self.mask, get_args(Mask))
         check_choice("update", self.update, get_args(Update))
         check_choice("hessian_dtype", self.hessian_dtype, get_args(Precision))
+        check_choice("target", self.target, get_args(Target))
+        if self.true_sequential and not self.sequential:
+            raise OptionError("true_sequential", "orders the layers within each block of the sequential walk: "
+                                                 "needs sequential=True")
+        if self.target == "dense":
+            if not self.sequential:
+                raise OptionError("target", "'dense' fits each layer to the dense model's outputs on the inputs "
+                                            "of the pruned model, which only the sequential walk has: needs "
+                                            "sequential=True")
+            if self.update == "none":
+                raise OptionError("target", "'dense' changes what the update fits; with update='none' there is "
+                                            "no update: choose one, or target='self'")
+            if self.keep_row_range:
+                raise OptionError("target", "'dense' moves every weight towards the dense model's outputs, not "
+                                            "its own row; it cannot be combined with keep_row_range")
         if self.update in OWN_UPDATES and not self.mask.startswith(self.update):
             raise OptionError("update", f"{self.update!r} is {self.update}'s own update, made while it chooses "
                                         f"the mask: it needs mask={self.update!r}")

@@ -6,7 +6,7 @@ thing calibration has to keep per layer (d_in x d_in), never the activations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from optima.linalg import Damping
 from optima.model import weight_rows
+from optima.target import DenseTarget
 
 
 PANEL = 128   # rows of X^T X per product in ``HessianAccumulator.add``
@@ -72,17 +73,85 @@ class HessianAccumulator:
         return self.sum / self.tokens
 
 
+class PairedAccumulator:
+    """Streams a layer's inputs in the pruned model, ``X~``, with its inputs in the dense model, ``X``, into
+    ``H~ = X~^T X~``, ``C = X~^T X`` and ``H = X^T X`` (the error-correcting objective, ``optima.target``):
+    two more d_in x d_in accumulators than ``HessianAccumulator``, one of them full."""
+
+    def __init__(self, d_in: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 name: str = "layer") -> None:
+        self.pruned = HessianAccumulator(d_in, dtype, device, name)
+        self.dense = HessianAccumulator(d_in, dtype, device, f"{name} (dense model)")
+        self.cross = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self.name = name
+
+    @property
+    def d_in(self) -> int:
+        return self.pruned.d_in
+
+    @property
+    def tokens(self) -> int:
+        return self.pruned.tokens
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, dense_x: torch.Tensor) -> None:
+        """Add the same tokens' inputs in the pruned model, ``x``, and in the dense model, ``dense_x``."""
+        if x.shape != dense_x.shape:
+            raise ValueError(f"{self.name}: pruned-model inputs {tuple(x.shape)} and dense-model inputs "
+                             f"{tuple(dense_x.shape)} do not pair up token by token")
+        self.pruned.add(x)
+        self.dense.add(dense_x)
+        flat = [t.reshape(-1, self.d_in).to(device=self.cross.device, dtype=self.cross.dtype) for t in (x, dense_x)]
+        self.cross.addmm_(flat[0].T, flat[1])
+
+    def reduce_(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum every accumulator over processes."""
+        self.pruned.reduce_(reduce_sum)
+        self.dense.reduce_(reduce_sum)
+        self.cross = reduce_sum(self.cross)
+
+    def finalize(self) -> torch.Tensor:
+        """The mean ``H~``: the Hessian of the problem that is solved."""
+        return self.pruned.finalize()
+
+    def target(self) -> DenseTarget:
+        """The mean ``C`` and ``H``, scaled as ``finalize`` scales ``H~``."""
+        return DenseTarget(self.cross / self.pruned.tokens, self.dense.finalize())
+
+
 @contextmanager
-def hessian_hooks(layers: dict[str, nn.Module], dtype: torch.dtype) -> Iterator[dict[str, HessianAccumulator]]:
+def recorded_inputs(layers: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """While inside, the dict holds the input of each layer of ``layers`` in its latest forward."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        seen[name] = x.detach()
+
+    handles = [layer.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0]))
+               for name, layer in layers.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def hessian_hooks(layers: dict[str, nn.Module], dtype: torch.dtype, dense_inputs: Mapping[str, torch.Tensor] | None = None
+                  ) -> Iterator[dict[str, HessianAccumulator | PairedAccumulator]]:
     """While inside, every forward of a layer in ``layers`` adds its input to that layer's Hessian.
+
+    With ``dense_inputs`` (the same layers' inputs in the dense model, refreshed before each forward, as
+    ``recorded_inputs`` keeps them) the accumulators are ``PairedAccumulator``s fed both.
 
     Layers that read the very same input tensor (a Llama block's q/k/v projections, its
     gate/up projections) share one accumulator: found in the first forward pass, the first
     of them adds the input, the others only check on every later pass that they still read
     that tensor. A Llama block accumulates 4 Hessians instead of 7.
     """
-    accumulators = {name: HessianAccumulator(weight_rows(layer).shape[1], dtype=dtype, device=layer.weight.device,
-                                             name=name) for name, layer in layers.items()}
+    kind = HessianAccumulator if dense_inputs is None else PairedAccumulator
+    accumulators = {name: kind(weight_rows(layer).shape[1], dtype=dtype, device=layer.weight.device, name=name)
+                    for name, layer in layers.items()}
     shares: dict[str, str] = {}               # layer -> the layer whose accumulator it shares
     last: list = [None, None]                 # the accumulating layer that ran last, and its input
     started: set[str] = set()
@@ -97,7 +166,10 @@ def hessian_hooks(layers: dict[str, nn.Module], dtype: torch.dtype) -> Iterator[
                 raise RuntimeError(f"{name} shared the input of {shares[name]} in the first calibration pass "
                                    "but not in a later one; its Hessian cannot be shared")
             return
-        accumulators[name].add(x)
+        if dense_inputs is None:
+            accumulators[name].add(x)
+        else:
+            accumulators[name].add(x, dense_inputs[name])
         last[:] = [name, x]
 
     handles = [layer.register_forward_pre_hook(lambda _m, args, name=name: hook(name, args[0]))

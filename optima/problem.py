@@ -3,7 +3,8 @@
 A layer's weight, its Hessian (undamped, for the objective; damped, for the solves), the damping,
 the mask, the pattern, the per-row weight range and the "ldl" input order travel together; so does
 the row share of several processes, and this is the one place that splits the rows between them,
-solves this process's rows and joins the results.
+solves this process's rows and joins the results. Under the error-correcting objective
+(``optima.target``) ``weight`` is the anchor ``w*`` and ``goals`` hold the objective to report.
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ from dataclasses import dataclass, replace
 import torch
 
 from optima.block_ldl import keep_rate_order
-from optima.hessian import damp_hessian
 from optima.linalg import Damping, reconstruction_error
 from optima.masks import Pattern
 from optima.share import RowShare
 from optima.solver import QPResult, SolverOptions, resolve_method, solve_pinned
+from optima.target import RowGoals
 
 
 @dataclass(frozen=True)
 class LayerProblem:
     """What the OPTIMA update and the mask refinement of one layer (or some of its rows) work on."""
 
-    weight: torch.Tensor       # (rows, d) the dense weight, in the solve's dtype on the Hessian's device
+    weight: torch.Tensor       # (rows, d) the weight the solve is anchored at (the dense one, or w*)
     hessian: torch.Tensor      # (d, d) undamped H: the objective
     damped: torch.Tensor       # (d, d) H as damped for the solves
     damping: Damping
@@ -33,21 +34,22 @@ class LayerProblem:
     order: torch.Tensor        # the "ldl" input order, from the whole layer's mask
     weight_range: tuple[torch.Tensor, torch.Tensor] | None = None   # per row: [min, max] of the new weights
     share: RowShare | None = None   # several processes: each solves its span of the rows
+    goals: RowGoals | None = None   # the error-correcting objective; None: (w' - w)^T H (w' - w)
 
     @classmethod
     def build(cls, weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, pattern: Pattern, *,
-              damp: float, keep_row_range: bool = False, share: RowShare | None = None) -> LayerProblem:
-        """The problem of ``weight`` under ``keep``: ``hessian`` damped by ``damp`` (relative), with
+              damped: tuple[torch.Tensor, Damping], keep_row_range: bool = False, share: RowShare | None = None,
+              goals: RowGoals | None = None) -> LayerProblem:
+        """The problem of ``weight`` under ``keep`` with ``damped`` = (damped H, its damping), with
         ``keep_row_range`` every row's original [min, max] as its bounds."""
-        damped, damping = damp_hessian(hessian, damp)
         weight_range = (weight.amin(1), weight.amax(1)) if keep_row_range else None
-        return cls(weight, hessian, damped, damping, keep, pattern, keep_rate_order(keep), weight_range, share)
+        return cls(weight, hessian, *damped, keep, pattern, keep_rate_order(keep), weight_range, share, goals)
 
     def rows(self, index: slice | torch.Tensor, keep: torch.Tensor | None = None) -> LayerProblem:
         """The same problem on some of its rows, with ``keep`` for them (default: theirs); not shared."""
         bounds = None if self.weight_range is None else tuple(bound[index] for bound in self.weight_range)
         return replace(self, weight=self.weight[index], keep=self.keep[index] if keep is None else keep,
-                       weight_range=bounds, share=None)
+                       weight_range=bounds, share=None, goals=None if self.goals is None else self.goals.rows(index))
 
     def own(self) -> LayerProblem:
         """The rows this process solves: all of them without a share."""
@@ -61,13 +63,23 @@ class LayerProblem:
         """``values`` summed over the processes (as given without a share)."""
         return values if self.share is None else self.share.all_gather(values).sum(0)
 
+    def errors(self, new: torch.Tensor) -> torch.Tensor:
+        """Each row's objective at ``new`` (float64, undamped H): (w' - w)^T H (w' - w), or the
+        error-correcting one of ``goals``."""
+        if self.goals is None:
+            return reconstruction_error(new, self.weight, self.hessian)
+        return self.goals.errors(new, self.hessian)
+
     def objectives(self, candidates: list[torch.Tensor]) -> list[float]:
-        """The layer objective sum_rows (w' - w)^T H (w' - w) (float64) of each whole-layer candidate
-        ``w'``; with a share each process sums its rows and one collective adds the sums."""
+        """The layer objective, summed over rows (float64), of each whole-layer candidate ``w'``; with
+        a share each process sums its rows and one collective adds the sums."""
         own = self.own()
         rows = slice(None) if self.share is None else self.share.span(self.weight.shape[0])
-        parts = [float(reconstruction_error(new[rows], own.weight, self.hessian, per_row=False))
-                 for new in candidates]
+        if own.goals is None:
+            parts = [float(reconstruction_error(new[rows], own.weight, self.hessian, per_row=False))
+                     for new in candidates]
+        else:
+            parts = [float(own.errors(new[rows]).sum()) for new in candidates]
         if self.share is None:
             return parts
         return self.total(torch.tensor(parts, dtype=torch.float64, device=self.weight.device)).tolist()

@@ -14,6 +14,7 @@ import torch
 
 from optima.admm import admm
 from optima.config import OWN_UPDATES, PruneConfig
+from optima.hessian import damp_hessian
 from optima.linalg import Damping, reconstruction_error
 from optima.masks import Pattern, score_mask
 from optima.problem import LayerProblem
@@ -21,6 +22,7 @@ from optima.refine import refine_mask
 from optima.share import RowShare
 from optima.solver import SolverOptions
 from optima.sparsegpt import sparsegpt, sparsegpt_rowwise
+from optima.target import DenseTarget
 from optima.thanos import thanos
 
 # Selectors that update the weights as they choose the mask: (weight, H, pattern, config) -> (updated
@@ -38,12 +40,16 @@ OWN_DAMPING = ("admm",)  # selectors that damp by their own rule, not config.dam
 
 @dataclass
 class PruneStats:
-    """Numbers describing one layer's pruning (objectives use the undamped Hessian)."""
+    """Numbers describing one layer's pruning (objectives use the undamped Hessian).
 
-    objective_none: float      # sum_rows (w_masked - w)^T H (w_masked - w): mask, no update
+    The objective is the one the update optimised (``target``): "self", sum_rows (w' - w)^T H~ (w' - w);
+    "dense", sum_rows ||X~ w' - X w||^2 (``optima.target``)."""
+
+    objective_none: float      # the objective of the masked weight: mask, no update
     objective: float           # the same for the returned weight
-    dense_energy: float        # sum_rows w^T H w, the output energy the errors are relative to
+    dense_energy: float        # sum_rows of the dense outputs' energy (w^T H w), what errors are relative to
     sparsity: float            # fraction of exact zeros in the returned weight
+    target: str = "self"       # the objective optimised: "self" or "dense"
     solver_method: str = ""
     solver_preconditioner: str = ""   # the CG preconditioner used ("pcg" only; its default depends on the device)
     cg_iterations_mean: float = 0.0
@@ -111,7 +117,7 @@ def select_mask(w: torch.Tensor, h: torch.Tensor, pattern: Pattern,
 @torch.no_grad()
 def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfig | None = None, *,
                  pattern: Pattern | None = None, keep: torch.Tensor | None = None,
-                 share: RowShare | None = None) -> PruneResult:
+                 share: RowShare | None = None, target: DenseTarget | None = None) -> PruneResult:
     """Prune ``weight`` (rows, d_in) given its layer Hessian ``hessian`` (d_in, d_in).
 
     ``config.mask`` picks the weights to zero (under ``pattern``, default the config's
@@ -121,14 +127,26 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
     worse than no update on the same mask; if it would, the result says so and keeps the better.
     With ``share`` (several processes, same weight and Hessian) each process solves its share of
     the OPTIMA rows and all end with the same result; the mask is chosen whole by every process.
+    With ``config.target="dense"``, ``hessian`` is H~ of the pruned model's inputs and ``target`` holds
+    C and the dense model's H: the mask and the update work on the anchor ``w*`` (the layer's unpruned
+    optimum for that objective, ``optima.target``), and every objective reported is the dense one.
     """
     config = config or PruneConfig()
     pattern = pattern or config.pattern_for()
     _check_inputs(weight, hessian, pattern)
+    if (target is not None) != (config.target == "dense"):
+        raise ValueError(f"target={config.target!r} " + ("needs the layer's DenseTarget (C and the dense H)"
+                                                         if target is None else "takes no DenseTarget"))
     device = hessian.device
     w = weight.to(device=device, dtype=config.solver.torch_dtype)
     h = hessian.to(w.dtype)
     start = time.perf_counter()
+    damped = damp_hessian(h, config.damp)
+    anchor, goals = w, None
+    if target is not None:
+        anchor, *damped = target.anchor(w.double(), h.double(), damped[0].double(), damped[1])
+        anchor, damped = anchor.to(w.dtype), (damped[0].to(w.dtype), damped[1])
+        goals = target.goals(w)
     greedy, greedy_damping = None, None
     if keep is not None:
         if config.update in OWN_UPDATES:
@@ -136,12 +154,12 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
                              "keep mask")
         keep = keep.to(device=device, dtype=torch.bool)
     else:
-        keep, greedy, greedy_damping = select_mask(w, h, pattern, config)
+        keep, greedy, greedy_damping = select_mask(anchor, h, pattern, config)
     seconds_mask = time.perf_counter() - start
 
     masked = w * keep
-    problem = LayerProblem.build(w, h, keep, pattern, damp=config.damp, keep_row_range=config.keep_row_range,
-                                 share=share)
+    problem = LayerProblem.build(anchor, h, keep, pattern, damped=damped, keep_row_range=config.keep_row_range,
+                                 share=share, goals=goals)
     objective_none, dense_energy = problem.objectives([masked, torch.zeros_like(w)])
     t_update = time.perf_counter()
     if config.update == "none":
@@ -165,7 +183,7 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor, config: PruneConfi
     if problem.damping.dead_inputs:
         notes.append(f"{problem.damping.dead_inputs} dead inputs (zero Hessian diagonal) left unchanged")
     stats = PruneStats(objective_none=objective_none, objective=objective, dense_energy=dense_energy,
-                       sparsity=float((new == 0).sum()) / new.numel(), dead_inputs=problem.damping.dead_inputs,
+                       sparsity=float((new == 0).sum()) / new.numel(), target=config.target, dead_inputs=problem.damping.dead_inputs,
                        fell_back_to_none=bool(fallback), seconds=time.perf_counter() - start,
                        seconds_mask=seconds_mask, seconds_update=seconds_update, notes=notes, **update, **refined)
     return PruneResult(weight=new.to(dtype=weight.dtype, device=weight.device), keep=keep.to(weight.device),

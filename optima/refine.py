@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from optima.linalg import cholesky_escalating, reconstruction_error
+from optima.linalg import cholesky_escalating
 from optima.masks import Pattern
 from optima.problem import LayerProblem
 from optima.solver import SolverOptions
@@ -82,7 +82,7 @@ def refine_mask(problem: LayerProblem, solved: torch.Tensor, options: SolverOpti
                 rounds: int = 1, *, swap_fraction: float = 0.05) -> RefineResult:
     """Refine ``problem.keep`` by up to ``rounds`` rounds of exactly re-solved, exactly accepted swaps.
 
-    Rows are accepted on the undamped ``problem.hessian``, re-solved with ``problem.damped`` (its
+    Rows are accepted on the problem's objective (``problem.errors``, undamped), re-solved with ``problem.damped`` (its
     weight range and input order included); ``solved`` is the solver's solution for ``problem.keep``.
     Every row of ``problem`` is refined (a process passes its own rows: ``problem.own()``). A row
     starts with a budget of ``swap_fraction`` of its pruned weights (at least one swap); a rejected
@@ -94,7 +94,7 @@ def refine_mask(problem: LayerProblem, solved: torch.Tensor, options: SolverOpti
     problem = replace(problem, weight=w, damped=h)
     keep = problem.keep.clone()
     new = solved.to(w.dtype) * keep
-    objective = reconstruction_error(new, w, problem.hessian)
+    objective = problem.errors(new)
     hinv_diag = torch.cholesky_inverse(cholesky_escalating(h, problem.damping)[1]).diagonal()
     budget = ((~keep).sum(1) * swap_fraction).ceil().clamp_min(1).long()
     objectives, accepted_rows = [float(objective.sum())], []
@@ -106,7 +106,7 @@ def refine_mask(problem: LayerProblem, solved: torch.Tensor, options: SolverOpti
             break
         delta = problem.rows(rows, trial[rows]).solve(options).delta
         candidate = (w[rows] + delta.to(w.dtype)) * trial[rows]
-        cand_objective = reconstruction_error(candidate, w[rows], problem.hessian)
+        cand_objective = problem.rows(rows).errors(candidate)
         better = cand_objective < objective[rows]
         accepted = rows[better]
         keep[accepted], new[accepted], objective[accepted] = trial[accepted], candidate[better], cand_objective[better]

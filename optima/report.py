@@ -14,6 +14,10 @@ from rich.table import Table
 from optima.atomic import write_atomic
 from optima.prune import PruneStats
 
+# what each target's errors measure (``PruneConfig.target``); X~ are a layer's inputs in the pruned model
+OBJECTIVES = {"self": "||X~ (W' - W)^T||^2, the layer's own outputs on its pruned-model inputs",
+              "dense": "||X~ W'^T - X W^T||^2, the dense model's outputs (X: its inputs in the dense model)"}
+
 
 @dataclass
 class LayerRecord:
@@ -44,7 +48,8 @@ class PruneReport:
 
 
 def summary(report: PruneReport) -> dict[str, Any]:
-    """Totals over all layers: mean relative errors, overall sparsity, time by phase."""
+    """Totals over all layers: mean relative errors (of the objective the update optimised), overall
+    sparsity, time by phase."""
     layers = report.layers
     params = sum(r.shape[0] * r.shape[1] for r in layers)
     zeros = sum(r.stats.sparsity * r.shape[0] * r.shape[1] for r in layers)
@@ -54,6 +59,7 @@ def summary(report: PruneReport) -> dict[str, Any]:
         "sparsity": zeros / params if params else 0.0,
         "mean_relative_error": sum(r.stats.relative_error for r in layers) / n,
         "mean_relative_error_no_update": sum(r.stats.relative_error_none for r in layers) / n,
+        "objective": "; ".join(f"{t}: {OBJECTIVES[t]}" for t in sorted({r.stats.target for r in layers})),
         "unconverged_rows": sum(r.stats.unconverged_rows for r in layers),
         "fallbacks_to_no_update": sum(r.stats.fell_back_to_none for r in layers),
         "seconds": dict(report.seconds),
@@ -88,7 +94,8 @@ def print_report(report: PruneReport, console: Console | None = None) -> None:
     total = summary(report)
     console.print(f"[bold]{total['layers']} layers[/bold], sparsity {total['sparsity']:.4f}, mean relative "
                   f"error {total['mean_relative_error']:.4g} (mask only: {total['mean_relative_error_no_update']:.4g})"
-                  f", time by phase: " + ", ".join(f"{k} {v:.2f}s" for k, v in total["seconds"].items()))
+                  f"; objective {total['objective']}; time by phase: "
+                  + ", ".join(f"{k} {v:.2f}s" for k, v in total["seconds"].items()))
 
 
 def write_json(report: PruneReport, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:

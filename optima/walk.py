@@ -5,14 +5,20 @@ are captured once per calibration batch; then for each block in turn its linear
 layers' Hessians are accumulated from those inputs, the layers are pruned, and the
 pruned block is run again to produce the next block's inputs. Only one block's
 Hessians are alive at a time and no block runs more than twice per batch.
+True-sequential: within a block, the layers are pruned group by group in the order they
+run, each group calibrated by one more pass over the block as pruned so far.
+Error-correcting target: a second stream carries the dense model's block inputs, and a
+dense copy of each block feeds every layer's dense-model inputs beside its pruned-model ones.
 One-pass walk: every layer's Hessian from a single pass of the dense model.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,7 +26,7 @@ import torch
 from torch import nn
 
 from optima.config import OptionError, PruneConfig
-from optima.hessian import HessianAccumulator, hessian_hooks
+from optima.hessian import HessianAccumulator, PairedAccumulator, hessian_hooks, recorded_inputs
 from optima.model import LayerSelection, find_blocks, layers_by_block, set_weight_rows, weight_rows
 from optima.owl import input_norms, owl_sparsities
 from optima.prune import prune_weight
@@ -125,10 +131,12 @@ def capture_block_inputs(model: nn.Module, batches: Iterable[Any], run_batch: Ca
 
 
 def _accumulate(layers: dict[str, nn.Module], forward: Callable[[], Any], config: PruneConfig,
-                run: RunOptions) -> dict[str, HessianAccumulator]:
+                run: RunOptions, dense_inputs: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, HessianAccumulator | PairedAccumulator]:
     """Each layer's Hessian from the inputs ``forward()`` feeds it, summed over processes when
-    calibration is data-parallel (a Hessian shared by several layers once)."""
-    with hessian_hooks(layers, config.hessian_torch_dtype) as accumulators:
+    calibration is data-parallel (a Hessian shared by several layers once). With ``dense_inputs``
+    (kept current by ``forward``) the dense-model inputs are accumulated beside them."""
+    with hessian_hooks(layers, config.hessian_torch_dtype, dense_inputs) as accumulators:
         forward()
     if run.reduce_sum is not None:
         for acc in {id(acc): acc for acc in accumulators.values()}.values():
@@ -136,16 +144,17 @@ def _accumulate(layers: dict[str, nn.Module], forward: Callable[[], Any], config
     return accumulators
 
 
-def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianAccumulator], block: int,
-                  walk: _Walk) -> None:
+def _prune_layers(layers: dict[str, nn.Module], accumulators: dict[str, HessianAccumulator | PairedAccumulator],
+                  block: int, walk: _Walk) -> None:
     """Prune each layer of block ``block`` from its accumulated Hessian and record it in the report."""
     config, report, run = walk.config, walk.report, walk.run
     for name, layer in layers.items():
         acc = accumulators.pop(name)
         start = time.perf_counter()
         pattern = config.pattern_for(name)
+        target = acc.target() if isinstance(acc, PairedAccumulator) else None
         result = prune_weight(weight_rows(layer).detach(), acc.finalize(), config, pattern=pattern,
-                              share=run.row_share)
+                              share=run.row_share, target=target)
         set_weight_rows(layer, result.weight)
         report.masks[name] = result.keep.cpu()
         if acc.tokens < acc.d_in:
@@ -201,6 +210,80 @@ class _Walk:
     report: PruneReport
 
 
+class _Reached(Exception):
+    """Raised to end a block's forward once the layer group being calibrated has had its inputs."""
+
+
+def _raise_reached(_module: nn.Module, _args: tuple) -> None:
+    raise _Reached
+
+
+@contextmanager
+def _stopping_at(layer: nn.Module | None) -> Iterator[None]:
+    """While inside, every forward that reaches ``layer`` ends there (after the hooks registered before)."""
+    handle = None if layer is None else layer.register_forward_pre_hook(_raise_reached)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _run(block: nn.Module, args: tuple, kwargs: dict) -> None:
+    try:
+        block(*args, **kwargs)
+    except _Reached:
+        pass
+
+
+def layer_groups(block: nn.Module, layers: dict[str, nn.Module], call: tuple[tuple, dict]) -> list[dict[str, nn.Module]]:
+    """``layers`` in groups, in the order one forward of ``block`` on ``call`` runs them: consecutive
+    layers reading the very same input form a group (a Llama block: q/k/v, o, gate/up, down)."""
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = [layer.register_forward_pre_hook(lambda _m, args, name=name: order.append((name, args[0])))
+               for name, layer in layers.items()]
+    try:
+        block(*call[0], **call[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[dict[str, nn.Module]] = []
+    for position, (name, x) in enumerate(order):
+        if any(name in group for group in groups):
+            continue
+        if groups and order[position - 1][1] is x:
+            groups[-1][name] = layers[name]
+        else:
+            groups.append({name: layers[name]})
+    return groups
+
+
+def _calibrate_block(block: nn.Module, dense_block: nn.Module | None, layers: dict[str, nn.Module], i: int,
+                     streams: tuple[BlockInputs, BlockInputs | None], walk: _Walk) -> None:
+    """Accumulate and prune block ``i``'s layers, group by group when true-sequential (each group's
+    pass stops at its last layer); with ``dense_block`` (the block before pruning, fed the dense
+    stream) every layer also accumulates its dense-model inputs."""
+    inputs, dense = streams
+    by_group = walk.config.true_sequential
+    groups = layer_groups(block, layers, inputs.calls[0]) if by_group else [layers]
+    names = {module: name for name, module in block.named_modules()}
+    for group in groups:
+        twins = {} if dense_block is None else {n: dense_block.get_submodule(names[m]) for n, m in group.items()}
+        last = list(group)[-1] if by_group else None
+
+        def forward() -> None:
+            with _stopping_at(group.get(last)), _stopping_at(twins.get(last)):
+                for k, (args, kwargs) in enumerate(inputs.calls):
+                    if dense_block is not None:   # first, so that ``seen`` holds this batch's dense inputs
+                        _run(dense_block, *dense.calls[k])
+                    _run(block, args, kwargs)
+
+        with recorded_inputs(twins) as seen:
+            accumulators = _timed(walk.report, "forward+hessian", lambda: _accumulate(
+                group, forward, walk.config, walk.run, seen if dense_block is not None else None))
+        _prune_layers(group, accumulators, i, walk)
+
+
 def _walk_sequential(walk: _Walk) -> None:
     """Calibrate and prune each block on the outputs of the already pruned blocks before it."""
     run, report = walk.run, walk.report
@@ -208,23 +291,30 @@ def _walk_sequential(walk: _Walk) -> None:
     inputs = _timed(report, "forward", lambda: capture_block_inputs(walk.model, walk.batches, walk.run_batch))
     if run.execution_device is not None:
         inputs.to(run.execution_device)
+    dense = None
+    if walk.config.target == "dense":   # the dense model's block inputs: the same calls, until the blocks differ
+        dense = BlockInputs()
+        dense.calls = list(inputs.calls)
     for i, (block, layers) in enumerate(zip(blocks, walk.per_block)):
         if run.on_block:
             run.on_block(i, len(blocks))
         home = next(block.parameters()).device
         if run.execution_device is not None:
             block.to(run.execution_device)
+        dense_block = copy.deepcopy(block) if dense is not None else None
         saved = walk.checkpoints.load(i) if walk.checkpoints else None
         if saved is not None:
             _restore_block(layers, saved, report, run)
         else:
-            accumulators = _timed(report, "forward+hessian", lambda: _accumulate(
-                layers, lambda: [block(*a, **k) for a, k in inputs.calls], walk.config, run))
-            _prune_layers(layers, accumulators, i, walk)
+            _calibrate_block(block, dense_block, layers, i, (inputs, dense), walk)
             _finish_block(i, layers, report, walk.checkpoints)
         if i + 1 < len(blocks):
             outputs = _timed(report, "forward", lambda: [_hidden(block(*a, **k)) for a, k in inputs.calls])
             inputs.replace_hidden(outputs)
+            if dense is not None:
+                outputs = _timed(report, "forward", lambda: [_hidden(dense_block(*a, **k)) for a, k in dense.calls])
+                dense.replace_hidden(outputs)
+        del dense_block
         block.to(home)
 
 

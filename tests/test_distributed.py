@@ -16,7 +16,8 @@ import torch
 
 from optima.share import RowShare
 
-# argv: devices, output folder. Each process saves its pruned weights as rank<N>.pt.
+# argv: devices, output folder, target ("dense": with true-sequential blocks). Each process saves its
+# pruned weights as rank<N>.pt.
 SCRIPT = textwrap.dedent("""
     import sys, torch, lightning as L
     from torch.utils.data import DataLoader
@@ -37,11 +38,11 @@ SCRIPT = textwrap.dedent("""
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    devices, out = int(sys.argv[1]), sys.argv[2]
+    devices, out, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     data = [{"input_ids": ids} for ids in torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(1))]
     module = Wrapper()
-    config = PruneConfig(sparsity=0.5, mask="wanda", update="optima", hessian_dtype="float64",
-                         solver=SolverOptions(compile=False, dtype="float64"))
+    config = PruneConfig(sparsity=0.5, mask="wanda", update="optima", hessian_dtype="float64", target=target,
+                         true_sequential=target == "dense", solver=SolverOptions(compile=False, dtype="float64"))
     pruning = OptimaPruning(config, calibration_samples=16, progress=False)
     trainer = L.Trainer(max_epochs=0, accelerator="cpu", devices=devices,
                         strategy="ddp" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
@@ -87,17 +88,18 @@ def _run_together(commands: Callable[[int], list[list[str]]], logs: Path, timeou
     pytest.fail("\n".join(e[-3000:] or f"killed after {timeout} s" for e in errors))
 
 
-def _run(tmp_path, devices: int, out) -> None:
+def _run(tmp_path, devices: int, out, target: str) -> None:
     script = tmp_path / "ddp_prune.py"
     script.write_text(SCRIPT)
     out.mkdir()
-    _run_together(lambda _: [[sys.executable, str(script), str(devices), str(out)]], out)
+    _run_together(lambda _: [[sys.executable, str(script), str(devices), str(out), target]], out)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_ddp_calibration_equals_single_process(tmp_path):
-    _run(tmp_path, 2, tmp_path / "ddp")
-    _run(tmp_path, 1, tmp_path / "single")
+@pytest.mark.parametrize("target", ["self", "dense"])
+def test_ddp_calibration_equals_single_process(tmp_path, target):
+    _run(tmp_path, 2, tmp_path / "ddp", target)
+    _run(tmp_path, 1, tmp_path / "single", target)
     rank0, rank1 = torch.load(tmp_path / "ddp" / "rank0.pt"), torch.load(tmp_path / "ddp" / "rank1.pt")
     single = torch.load(tmp_path / "single" / "rank0.pt")
     # every layer's Hessian saw all 16 x 24 tokens, summed over both processes
@@ -117,6 +119,7 @@ ROW_SHARE_SCRIPT = textwrap.dedent("""
     from optima.config import PruneConfig
     from optima.share import process_group_share
     from optima.solver import SolverOptions
+    from optima.target import DenseTarget
 
     rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     share = None
@@ -124,15 +127,18 @@ ROW_SHARE_SCRIPT = textwrap.dedent("""
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
         share = process_group_share()
     results = {}
-    # odd rows, fewer rows than processes, and mask refinement (also split by rows)
-    for rows, method, rounds in ((63, "pcg", 0), (63, "direct", 0), (1, "pcg", 2), (63, "pcg", 2)):
+    # odd rows, fewer rows than processes, mask refinement (also split by rows), the dense target
+    for rows, method, rounds, target in ((63, "pcg", 0, "self"), (63, "direct", 0, "self"), (1, "pcg", 2, "self"),
+                                         (63, "pcg", 2, "self"), (63, "pcg", 0, "dense"), (63, "pcg", 2, "dense")):
         g = torch.Generator().manual_seed(rows)
         x = torch.randn(512, 96, generator=g, dtype=torch.float64) @ torch.randn(96, 96, generator=g, dtype=torch.float64)
         weight = torch.randn(rows, 96, generator=g, dtype=torch.float64)
-        config = PruneConfig(mask="wanda", mask_rounds=rounds,
+        config = PruneConfig(mask="wanda", mask_rounds=rounds, target=target,
                              solver=SolverOptions(method=method, compile=False, dtype="float64", tol=1e-12))
-        result = prune_weight(weight, x.T @ x / 512, config, share=share)
-        results[f"{rows} {method} {rounds}"] = (result.weight, result.keep, result.stats.cg_iterations_mean,
+        dense = x + 0.3 * torch.randn(512, 96, generator=g, dtype=torch.float64)   # the dense model's inputs
+        paired = DenseTarget(x.T @ dense / 512, dense.T @ dense / 512) if target == "dense" else None
+        result = prune_weight(weight, x.T @ x / 512, config, share=share, target=paired)
+        results[f"{rows} {method} {rounds} {target}"] = (result.weight, result.keep, result.stats.cg_iterations_mean,
                                                 result.stats.unconverged_rows, result.stats.solver_method,
                                                 result.stats.mask_round_objectives)
     torch.save(results, f"{out}/rank{rank}.pt")
@@ -159,9 +165,10 @@ def test_row_share_splits_the_solve_and_every_process_ends_with_the_same_weights
         torch.testing.assert_close(rank0[key][0], weight, rtol=1e-8, atol=1e-10)
         assert rank0[key][4] == method and rank0[key][3] == unconverged == 0
         assert abs(rank0[key][2] - iterations) <= 1.0                           # gathered per-row CG counts
-    refined = single["63 pcg 2"][5]
-    assert len(refined) == 3 and refined[-1] < refined[0]                       # the refinement did something
-    torch.testing.assert_close(rank0["63 pcg 2"][5], refined, rtol=1e-9, atol=0)  # summed over the processes
+    for key in ("63 pcg 2 self", "63 pcg 2 dense"):
+        refined = single[key][5]
+        assert len(refined) == 3 and refined[-1] < refined[0], key              # the refinement did something
+        torch.testing.assert_close(rank0[key][5], refined, rtol=1e-9, atol=0)  # summed over the processes
 
 
 def test_gather_columns_packs_per_row_tensors_into_one_collective_and_restores_their_dtypes():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -50,6 +51,19 @@ def test_offload_moves_each_block_out_and_back_around_its_own_work_and_changes_n
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), name
     assert (twin.model.layers[2].mlp.down_proj.weight == 0).float().mean() == 0.5
+
+
+def test_offload_of_the_dense_target_with_true_sequential_blocks_changes_no_bit():
+    config = replace(OPTIONS, target="dense", true_sequential=True)
+    model = tiny_llama()
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
+    prune(model, config=config)
+    prune(twin, RunOptions(execution_device="cpu"), config)
+    prune(plain)
+    for (name, a), b, c in zip(model.state_dict().items(), twin.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+        if ".layers.2." in name and name.endswith("proj.weight"):   # and the options did change the result
+            assert not torch.equal(a, c), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real device move needs CUDA")

@@ -26,7 +26,7 @@ WIKI = assets_dir() / "wikitext-2" / "valid.txt"
 def _refine(weight, hessian, keep, pattern, rounds=4, options=None):
     """OPTIMA solve of ``keep``, then ``rounds`` of refinement; returns (initial solution, result)."""
     options = options or SolverOptions(compile=False)
-    problem = LayerProblem.build(weight, hessian, keep, pattern, damp=DAMP)
+    problem = LayerProblem.build(weight, hessian, keep, pattern, damped=damp_hessian(hessian, DAMP))
     solved = (weight + problem.solve(options).delta) * keep
     return solved, refine_mask(problem, solved, options, rounds)
 
@@ -140,7 +140,7 @@ def test_weight_range_bounds_the_refined_weights():
     keep = wanda_mask(weight, hessian, pattern)
     low, high = weight.amin(1), weight.amax(1)
     options = SolverOptions(compile=False, method="pcg")
-    problem = LayerProblem.build(weight, hessian, keep, pattern, damp=DAMP, keep_row_range=True)
+    problem = LayerProblem.build(weight, hessian, keep, pattern, damped=damp_hessian(hessian, DAMP), keep_row_range=True)
     damped, damping = damp_hessian(hessian, DAMP)
     direct = solve_pinned(damped, weight, keep, damping, options, weight_range=(low, high))
     assert torch.equal(problem.solve(options).delta, direct.delta)
