@@ -61,7 +61,8 @@ class PruneConfig:
             from the pruned blocks before it, ``||X~ (W' - W)^T||`` (SparseGPT's and the paper's
             objective); "dense", the outputs the dense model produces there, ``||X~ W'^T - X W^T||``
             (error-correcting: the walk keeps a second, dense stream of block inputs). Needs
-            sequential and an update.
+            sequential, true_sequential (each group fitted to the inputs the block's corrected
+            groups produce) and an update.
         targets: Regexes; when given, only layers whose name matches one are pruned.
         ignore: Regexes of layer names left dense. Only layers inside the model's stack of
             blocks are ever pruned (embeddings and the LM head never are).
@@ -110,6 +111,11 @@ class PruneConfig:
                 raise OptionError("target", "'dense' fits each layer to the dense model's outputs on the inputs "
                                             "of the pruned model, which only the sequential walk has: needs "
                                             "sequential=True")
+            if not self.true_sequential:
+                raise OptionError("target", "'dense' needs true_sequential=True: a layer calibrated before the "
+                                            "block's earlier layers are pruned would be fitted to cancel an error "
+                                            "that those layers' own dense targets already cancel, and the two "
+                                            "corrections add up")
             if self.update == "none":
                 raise OptionError("target", "'dense' changes what the update fits; with update='none' there is "
                                             "no update: choose one, or target='self'")

@@ -133,7 +133,7 @@ ROW_SHARE_SCRIPT = textwrap.dedent("""
         g = torch.Generator().manual_seed(rows)
         x = torch.randn(512, 96, generator=g, dtype=torch.float64) @ torch.randn(96, 96, generator=g, dtype=torch.float64)
         weight = torch.randn(rows, 96, generator=g, dtype=torch.float64)
-        config = PruneConfig(mask="wanda", mask_rounds=rounds, target=target,
+        config = PruneConfig(mask="wanda", mask_rounds=rounds, target=target, true_sequential=target == "dense",
                              solver=SolverOptions(method=method, compile=False, dtype="float64", tol=1e-12))
         dense = x + 0.3 * torch.randn(512, 96, generator=g, dtype=torch.float64)   # the dense model's inputs
         paired = DenseTarget(x.T @ dense / 512, dense.T @ dense / 512) if target == "dense" else None
