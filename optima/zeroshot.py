@@ -7,15 +7,15 @@ two metrics follow lm-eval's ``HFLM.loglikelihood`` for causal LMs.
 
 :func:`evaluate_suite` scores lm-eval tasks read from local files (:mod:`optima.tasks`) with standard
 errors and per-item hits; :func:`suite_mean` and :func:`suite_difference` give the suite's mean and
-paired differences. A transformers causal LM runs each item's shared prefix once and its choices on
-the cached keys and values (:func:`shared_prefix`), with the LM head only where a choice is scored;
-other models run every (context + continuation) whole. The lower-level pieces (:func:`build_requests`,
+paired differences. A transformers causal LM runs each item as a tree (:class:`ItemTree`: the shared
+prefix once, every choice's rest beside it, a 4D attention mask keeping the branches apart), several
+items packed into one unpadded sequence, with the LM head only where a choice is scored; other
+models run every (context + continuation) whole. The lower-level pieces (:func:`build_requests`,
 :func:`collate_requests`, :func:`batch_loglikelihoods`, :class:`ChoiceAccuracy`) serve both paths.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -253,79 +253,110 @@ def shared_prefix(requests: Sequence[Request]) -> int:
     return length
 
 
-def _budget_chunks(lengths: Sequence[int], rows: int, tokens: int) -> list[tuple[int, int]]:
-    """``[start, end)`` runs of ``lengths`` (sorted longest first) of at most ``rows`` rows, each padded to
-    its first length, within ``tokens`` padded tokens (a row longer than that is a run of its own)."""
-    runs, start = [], 0
-    while start < len(lengths):
-        end = start + 1
-        while end < len(lengths) and end - start < rows and (end + 1 - start) * lengths[start] <= tokens:
-            end += 1
-        runs.append((start, end))
-        start = end
-    return runs
+@dataclass(frozen=True)
+class ItemTree:
+    """One item laid out for a packed forward pass: its shared prefix once, then each choice's remaining
+    input tokens. A choice's tokens continue the prefix's positions and see only the prefix and
+    themselves, so each scored position gets the logits of its own (context + ending)."""
+
+    tokens: tuple[int, ...]
+    positions: tuple[int, ...]
+    branch: tuple[int, ...]    # 0 on the prefix, k + 1 on the k-th choice's tokens
+    labels: tuple[int, ...]    # the next token where a choice is scored, else IGNORE
+    requests: tuple[Request, ...]
+    owner: tuple[int, ...]     # at each scored position, the index in ``requests`` it adds to; -1 elsewhere
 
 
-def _by_item(requests: Sequence[Request]) -> tuple[list[tuple[list[Request], int]], list[Request]]:
-    """Requests grouped by item with the item's :func:`shared_prefix`, longest prefix first; and, apart, the
-    requests of items whose choices share no token (they run whole, as a cache of nothing is no help)."""
+def item_tree(requests: Sequence[Request]) -> ItemTree:
+    """The requests of one item as a tree: :func:`shared_prefix` once, then each request's rest."""
+    n = shared_prefix(requests)
+    tokens, positions = list(requests[0].tokens[:n]), list(range(n))
+    branch, labels, owner = [0] * n, [IGNORE] * n, [-1] * n
+    for k, r in enumerate(requests):
+        rest = r.tokens[n:-1]
+        unscored = len(rest) - r.continuation
+        tokens += rest
+        positions += range(n, n + len(rest))
+        branch += [k + 1] * len(rest)
+        labels += [IGNORE] * unscored + list(r.tokens[-r.continuation:])
+        owner += [-1] * unscored + [k] * r.continuation
+    return ItemTree(tuple(tokens), tuple(positions), tuple(branch), tuple(labels), tuple(requests), tuple(owner))
+
+
+def item_trees(requests: Sequence[Request]) -> list[ItemTree]:
+    """One :class:`ItemTree` per item, longest first (so that packing leaves little room unused)."""
     by_item: dict[int, list[Request]] = {}
     for r in requests:
         by_item.setdefault(r.item, []).append(r)
-    items = sorted(((rs, shared_prefix(rs)) for rs in by_item.values()), key=lambda item: -item[1])
-    whole = sorted((r for rs, n in items if n == 0 for r in rs), key=lambda r: -len(r.tokens))
-    return [item for item in items if item[1] > 0], whole
+    return sorted((item_tree(rs) for rs in by_item.values()), key=lambda tree: -len(tree.tokens))
 
 
-def _item_batches(items: list[tuple[list[Request], int]], rows: int,
-                  tokens: int) -> list[list[tuple[list[Request], int]]]:
-    """Items (from :func:`_by_item`) in batches whose prefixes take at most ``rows`` rows and ``tokens``
-    padded tokens."""
-    return [items[a:b] for a, b in _budget_chunks([n for _, n in items], rows, tokens)]
+def pack_trees(trees: Sequence[ItemTree], tokens: int, requests: int) -> list[list[ItemTree]]:
+    """Consecutive trees in packs of at most ``tokens`` tokens and ``requests`` requests (a tree larger
+    than that is a pack of its own)."""
+    packs: list[list[ItemTree]] = []
+    size = count = 0
+    for tree in trees:
+        if packs and size + len(tree.tokens) <= tokens and count + len(tree.requests) <= requests:
+            packs[-1].append(tree)
+            size, count = size + len(tree.tokens), count + len(tree.requests)
+        else:
+            packs.append([tree])
+            size, count = len(tree.tokens), len(tree.requests)
+    return packs
 
 
-def _forward_shared(model: nn.Module, cache_name: str, items: list[tuple[list[Request], int]], rows: int,
-                    tokens: int, device: torch.device) -> Iterator[tuple[torch.Tensor, dict]]:
-    """One batch of items: each item's shared prefix runs once; then its choices' suffixes, longest
-    first in forwards of at most ``rows`` sequences and ``tokens`` padded tokens (so they pad little),
-    run on the cached keys and values. Yields each forward's log-likelihoods and collated batch."""
-    prefixes = [n for _, n in items]
-    width = max(prefixes)
-    prefix_ids = torch.zeros((len(items), width), dtype=torch.long)
-    prefix_mask = torch.zeros((len(items), width), dtype=torch.long, device=device)
-    for row, (rs, n) in enumerate(items):
-        prefix_ids[row, :n] = torch.tensor(rs[0].tokens[:n], dtype=torch.long)
-        prefix_mask[row, :n] = 1
-    cache = getattr(model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask, use_cache=True,
-                          logits_to_keep=1), cache_name)
-    suffixes = [(row, Request(r.item, r.choice, r.tokens[n:], r.continuation))
-                for row, (rs, n) in enumerate(items) for r in rs]
-    suffixes.sort(key=lambda s: -len(s[1].tokens))
-    starts = torch.tensor(prefixes, device=device)
-    for first, end in _budget_chunks([len(r.tokens) - 1 for _, r in suffixes], rows, tokens):
-        chunk = suffixes[first:end]
-        owner = torch.tensor([row for row, _ in chunk], device=device)
-        batch = {k: v.to(device) for k, v in collate_requests([r for _, r in chunk]).items()}
-        past = copy.deepcopy(cache) if end < len(suffixes) else cache
-        past.batch_select_indices(owner)
-        length = batch["input_ids"].shape[1]
-        logits = model(input_ids=batch["input_ids"], **{cache_name: past}, use_cache=True,
-                       attention_mask=torch.cat([prefix_mask[owner], batch["attention_mask"]], 1),
-                       position_ids=starts[owner, None] + torch.arange(length, device=device),
-                       logits_to_keep=logits_to_keep(batch["labels"])).logits
-        yield batch_loglikelihoods(logits, batch["labels"]), batch
+def packed_inputs(trees: Sequence[ItemTree], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One sequence holding ``trees`` side by side: ``input_ids``, ``position_ids`` and a 4D additive
+    ``attention_mask`` (0 where a token may attend, the dtype's minimum elsewhere: the same tree, not
+    later, and the prefix or the token's own branch), plus ``labels`` and ``owner`` (a request's index
+    in the pack, in the order of the trees' requests, at each scored position)."""
+    offsets = [0]
+    for tree in trees[:-1]:
+        offsets.append(offsets[-1] + len(tree.requests))
+
+    def joined(field: str) -> torch.Tensor:
+        return torch.tensor([v for tree in trees for v in getattr(tree, field)], dtype=torch.long)
+
+    tree_of = torch.cat([torch.full((len(tree.tokens),), i) for i, tree in enumerate(trees)])
+    owner = torch.tensor([o + first if o >= 0 else -1 for tree, first in zip(trees, offsets) for o in tree.owner])
+    branch, order = joined("branch"), torch.arange(len(tree_of))
+    allowed = ((tree_of[:, None] == tree_of[None]) & (order[None] <= order[:, None])
+               & ((branch[None] == 0) | (branch[None] == branch[:, None])))
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return {"input_ids": joined("tokens")[None], "position_ids": joined("positions")[None],
+            "attention_mask": mask[None, None], "labels": joined("labels"), "owner": owner}
 
 
-PREFIX_BUDGET = 4   # shared prefixes run once per item: their forwards take this many times the tokens
+def _forward_packed(model: nn.Module, trees: Sequence[ItemTree], device: torch.device) -> torch.Tensor:
+    """The summed log-likelihood of every request of ``trees`` (in order), from one forward pass of
+    the packed trees with the LM head run only on the scored positions."""
+    dtype = next(model.parameters()).dtype
+    packed = {k: v.to(device) for k, v in packed_inputs(trees, dtype).items()}
+    scored = (packed["labels"] != IGNORE).nonzero().squeeze(1)
+    logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                   attention_mask=packed["attention_mask"], use_cache=False, logits_to_keep=scored).logits[0]
+    per_token = batch_loglikelihoods(logits[:, None], packed["labels"][scored, None])
+    total = sum(len(tree.requests) for tree in trees)
+    return torch.zeros(total, device=device).index_add_(0, packed["owner"][scored], per_token)
+
+
+def _packs(model: nn.Module) -> bool:
+    """Whether the model takes explicit positions, a 4D additive attention mask and the positions to
+    keep logits for (a transformers causal LM with eager or SDPA attention)."""
+    parameters = inspect.signature(model.forward).parameters
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return {"position_ids", "attention_mask", "logits_to_keep"} <= parameters.keys() and attention in ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """How requests are batched and encoded: at most ``batch_size`` sequences and ``batch_tokens``
-    padded tokens per forward; ``bos`` and ``max_length`` as :func:`encode` and :func:`build_requests`."""
+    """How requests are batched and encoded: at most ``batch_size`` requests per forward pass and, packed,
+    at most ``batch_tokens`` tokens (attention over a pack costs its length squared, so packs stay
+    short); ``bos`` and ``max_length`` as :func:`encode` and :func:`build_requests`."""
 
     batch_size: int = 128
-    batch_tokens: int = 1024
+    batch_tokens: int = 512
     bos: bool | int | None = None
     max_length: int | None = None
 
@@ -336,49 +367,39 @@ class Scoring:
             raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
 
 
-def _cache_argument(model: nn.Module) -> str | None:
-    """The name under which the model takes and returns a KV cache (transformers 5: ``cache``, before:
-    ``past_key_values``) when it also takes explicit positions and ``logits_to_keep``; else None."""
-    parameters = inspect.signature(model.forward).parameters
-    if not {"position_ids", "logits_to_keep"} <= parameters.keys():
-        return None
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+def _scored_batches(model: nn.Module, requests: Sequence[Request], scoring: Scoring,
+                    device: torch.device) -> Iterator[tuple[list[Request], torch.Tensor]]:
+    """Each forward pass's requests and their summed log-likelihoods: packed :class:`ItemTree` s for a
+    model that takes them (:func:`_packs`), else whole requests, right-padded, longest first."""
+    if _packs(model):
+        for pack in pack_trees(item_trees(requests), scoring.batch_tokens, scoring.batch_size):
+            yield [r for tree in pack for r in tree.requests], _forward_packed(model, pack, device)
+        return
+    trims_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    for start in range(0, len(requests), scoring.batch_size):
+        chunk = list(requests[start:start + scoring.batch_size])
+        batch = {k: v.to(device) for k, v in collate_requests(chunk).items()}
+        extra = {"logits_to_keep": logits_to_keep(batch["labels"])} if trims_logits else {}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                       **extra).logits
+        yield chunk, batch_loglikelihoods(logits, batch["labels"])
 
 
 @torch.no_grad()
 def _score(model: nn.Module, tokenizer, items: Sequence[ChoiceItem], scoring: Scoring,
            progress: Callable[[int, int], None] | None = None) -> ChoiceAccuracy:
-    """Score every request (model in eval mode for the duration) and fill a metric.
-
-    A transformers causal LM runs each item's shared prefix once (:func:`shared_prefix`) and its
-    choices on the cached keys and values; other models, and items whose choices share no token,
-    run every request whole.
-    """
-    batch_size, batch_tokens = scoring.batch_size, scoring.batch_tokens
+    """Score every request (model in eval mode for the duration) and fill a metric."""
     requests = build_requests(items, tokenizer, scoring.max_length or resolve_max_length(model, tokenizer),
                               scoring.bos)
     device = next(model.parameters()).device
     metric = ChoiceAccuracy(items).to(device)
-    cache_name = _cache_argument(model)
-    trims_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     was_training = model.training
     model.eval()
     try:
-        shared, whole = _by_item(requests) if cache_name is not None else ([], requests)
         done = 0
-        for batch_items in _item_batches(shared, batch_size, PREFIX_BUDGET * batch_tokens):
-            for loglik, batch in _forward_shared(model, cache_name, batch_items, batch_size, batch_tokens, device):
-                metric.update(batch["item"], batch["choice"], loglik)
-                done += len(loglik)
-                if progress is not None:
-                    progress(done, len(requests))
-        for start in range(0, len(whole), batch_size):
-            batch = {k: v.to(device) for k, v in collate_requests(whole[start:start + batch_size]).items()}
-            extra = {"logits_to_keep": logits_to_keep(batch["labels"])} if trims_logits else {}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                           **extra).logits
-            metric.update(batch["item"], batch["choice"], batch_loglikelihoods(logits, batch["labels"]))
-            done += len(batch["item"])
+        for batch, loglik in _scored_batches(model, requests, scoring, device):
+            metric.update(torch.tensor([r.item for r in batch]), torch.tensor([r.choice for r in batch]), loglik)
+            done += len(batch)
             if progress is not None:
                 progress(done, len(requests))
     finally:
@@ -387,36 +408,39 @@ def _score(model: nn.Module, tokenizer, items: Sequence[ChoiceItem], scoring: Sc
 
 
 def score_choices(model: nn.Module, tokenizer, items: Sequence[ChoiceItem] | str | Path, batch_size: int = 16,
-                  bos: bool | int | None = None, max_length: int | None = None) -> list[list[float]]:
+                  bos: bool | int | None = None, max_length: int | None = None, *,
+                  batch_tokens: int = 512) -> list[list[float]]:
     """Per item, the summed log-likelihood of each ending given the context (see :func:`evaluate_choices`)."""
-    items = _as_items(items)
-    return _score(model, tokenizer, items, Scoring(batch_size, bos=bos, max_length=max_length)).item_loglikelihoods()
+    scoring = Scoring(batch_size, batch_tokens, bos, max_length)
+    return _score(model, tokenizer, _as_items(items), scoring).item_loglikelihoods()
 
 
 def evaluate_choices(model: nn.Module, tokenizer, items: Sequence[ChoiceItem] | str | Path, batch_size: int = 16,
-                     bos: bool | int | None = None, max_length: int | None = None) -> dict[str, float]:
+                     bos: bool | int | None = None, max_length: int | None = None, *,
+                     batch_tokens: int = 512) -> dict[str, float]:
     """``{"acc": ..., "acc_norm": ...}`` of a causal LM on multiple-choice items (or a JSONL path).
 
-    One forward per (context + ending), longest first, ``batch_size`` sequences right-padded per
-    forward. ``bos``: see :func:`encode` (None: the tokenizer's special tokens, as lm-eval);
-    ``max_length``: context length for left truncation (None: :func:`resolve_max_length`).
+    At most ``batch_size`` requests (one per item and ending) and ``batch_tokens`` packed tokens per
+    forward pass (:class:`Scoring`). ``bos``: see :func:`encode` (None: the tokenizer's special
+    tokens, as lm-eval); ``max_length``: context length for left truncation (None:
+    :func:`resolve_max_length`).
     """
-    items = _as_items(items)
-    metric = _score(model, tokenizer, items, Scoring(batch_size, bos=bos, max_length=max_length))
+    scoring = Scoring(batch_size, batch_tokens, bos, max_length)
+    metric = _score(model, tokenizer, _as_items(items), scoring)
     return {name: float(value) for name, value in metric.compute().items()}
 
 
 def evaluate_suite(model: nn.Module, tokenizer, tasks: Mapping[str, str] = PAPER_SUITE, *, limit: int | None = None,
-                   batch_size: int = 128, batch_tokens: int = 1024, bos: bool | int | None = None,
+                   batch_size: int = 128, batch_tokens: int = 512, bos: bool | int | None = None,
                    max_length: int | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
     """Zero-shot accuracy of a causal LM on lm-eval tasks read from local files, as lm-eval scores them.
 
     ``tasks``: ``{lm-eval task name: JSONL file in its hub row schema}`` (``assets:`` specs allowed;
     see :mod:`optima.tasks`); ``limit``: the first N items of each task (lm-eval's ``--limit``);
-    ``batch_size`` and ``batch_tokens``: at most that many sequences and padded tokens per forward
-    pass (the choices' forwards; the shared prefixes get 4x the tokens); ``bos`` and ``max_length``
-    as in :func:`encode` and :func:`build_requests`; ``progress(task, done, total)`` after every batch.
+    ``batch_size`` and ``batch_tokens``: at most that many requests and (packed) tokens per forward
+    pass; ``bos`` and ``max_length`` as in :func:`encode` and :func:`build_requests`;
+    ``progress(task, done, total)`` after every batch.
     Per task: ``acc``, ``acc_stderr`` (lm-eval's sample standard error), ``acc_norm`` and
     ``acc_norm_stderr`` where lm-eval reports them, ``n``, ``metric`` (the one the suite mean takes),
     and per item ``hits`` (0/1 for each metric, for paired differences) and ``loglikelihoods``.

@@ -19,7 +19,7 @@ from optima.lmeval import SHIPPED_TASKS, write_local_tasks
 from optima.loading import assets_dir
 from optima.stats import combined_mean, mean_stderr, paired_difference
 from optima.tasks import PAPER_SUITE, TASKS, read_task, task_yaml
-from optima.zeroshot import _cache_argument, evaluate_suite, suite_difference, suite_mean
+from optima.zeroshot import _packs, evaluate_suite, suite_difference, suite_mean
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 FIRST = 12  # items per real task in the fast suite; bench/bench_zeroshot.py compares every item
@@ -98,7 +98,7 @@ def assert_same_as_lm_eval(ours: dict[str, dict], theirs: dict) -> None:
 def test_paper_suite_matches_lm_eval_on_the_real_files(stories, tmp_path):
     require_module("lm_eval")
     model, tokenizer = stories
-    assert _cache_argument(model) is not None   # the shared-prefix path is the one compared
+    assert _packs(model)   # the packed-tree path is the one compared
     ours = evaluate_suite(model, tokenizer, PAPER_SUITE, limit=FIRST, batch_size=7)
     assert_same_as_lm_eval(ours, lm_eval_samples(model, tokenizer, PAPER_SUITE, tmp_path / "tasks", FIRST))
     assert {name: r["n"] for name, r in ours.items()} == dict.fromkeys(PAPER_SUITE, FIRST)

@@ -16,8 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from optima.loading import assets_dir
 from optima.zeroshot import (ChoiceAccuracy, ChoiceItem, batch_loglikelihoods, build_requests, collate_requests, encode,
-                             encode_pair, evaluate_choices, logits_to_keep, read_jsonl, resolve_max_length,
-                             score_choices)
+                             encode_pair, evaluate_choices, item_tree, item_trees, logits_to_keep, pack_trees,
+                             read_jsonl, resolve_max_length, score_choices)
 
 WORDS = ["[UNK]", "<s>", "</s>", "a", "b", "c", "d", "e"]
 ID = {w: i for i, w in enumerate(WORDS)}
@@ -114,16 +114,50 @@ def llama_reference() -> tuple[LlamaForCausalLM, list[list[float]]]:
     return model, [[direct_loglikelihood(model, c, e) for c, e in item.pairs] for item in ITEMS]
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, 9])
-def test_batched_padded_scores_equal_unbatched_reference(batch_size, llama_reference):
+@pytest.mark.parametrize("batch_size, batch_tokens", [(1, 512), (4, 512), (9, 512), (128, 8), (128, 30)])
+def test_packed_scores_equal_unbatched_reference(batch_size, batch_tokens, llama_reference):
+    """Items packed side by side (as many as the two budgets allow) score as each (context + ending) alone."""
     (model, expected), tokenizer = llama_reference, word_tokenizer()
-    got = score_choices(model, tokenizer, ITEMS, batch_size=batch_size)
+    got = score_choices(model, tokenizer, ITEMS, batch_size=batch_size, batch_tokens=batch_tokens)
     for row, reference in zip(got, expected, strict=True):
         assert row == pytest.approx(reference, abs=1e-5)
-    alone = score_choices(model, tokenizer, ITEMS[1:2], batch_size=1)  # unpadded
-    assert alone[0] == pytest.approx(got[1], abs=1e-5)  # the padding around it changes nothing
+    packs = pack_trees(item_trees(build_requests(ITEMS, tokenizer, 64)), batch_tokens, batch_size)
+    assert sum(len(pack) for pack in packs) == len(ITEMS)
+    for pack in packs:   # within both budgets, unless a tree alone exceeds one
+        assert len(pack) == 1 or (sum(len(t.tokens) for t in pack) <= batch_tokens
+                                  and sum(len(t.requests) for t in pack) <= batch_size)
+    assert max(len(pack) for pack in packs) > 1 or batch_size < 9 or batch_tokens < 30   # the others really pack
+
+
+class WholeRequestsOnly(nn.Module):
+    """A causal LM without explicit positions: the scorer runs its requests whole, right-padded."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 9])
+def test_batched_padded_whole_requests_equal_unbatched_reference(batch_size, llama_reference):
+    (model, expected), tokenizer = llama_reference, word_tokenizer()
+    got = score_choices(WholeRequestsOnly(model), tokenizer, ITEMS, batch_size=batch_size)
+    for row, reference in zip(got, expected, strict=True):
+        assert row == pytest.approx(reference, abs=1e-5)
     batch = collate_requests(build_requests(ITEMS, tokenizer, 64)[:batch_size])
     assert (batch["attention_mask"] == 0).any() or batch_size == 1  # the batches really are padded
+
+
+def test_item_tree_runs_the_shared_prefix_once():
+    requests = build_requests(ITEMS[:1], word_tokenizer(), 64)
+    tree = item_tree(sorted(requests, key=lambda r: r.choice))
+    # <s> a b c d e a b | b -> c (choice 0) | b c d e a b -> c (choice 1): the last context token runs per branch
+    assert tree.tokens[:7] == tuple(ID[w] for w in "<s> a b c d e a".split()) and tree.branch[:7] == (0,) * 7
+    assert tree.branch[7:] == (1,) + (2,) * 5 and tree.positions[7:] == (7, 7, 8, 9, 10, 11)
+    assert [tree.labels[i] for i, o in enumerate(tree.owner) if o == 1] == [ID[w] for w in "d e a b c".split()]
+    assert sum(o == 0 for o in tree.owner) == 1
 
 
 def test_trimmed_logits_give_the_same_scores():
@@ -276,9 +310,10 @@ def test_agrees_with_lm_eval_on_hellaswag_items(tmp_path, monkeypatch):
         assert scores[sample["doc_id"]] == pytest.approx(their_scores, abs=1e-4)
 
 
-def test_items_whose_choices_share_no_token_run_whole_beside_cached_ones():
+def test_items_whose_choices_share_no_token_score_as_whole_requests_alone_or_packed():
     """Without a BOS, choices that differ in their first token share no prefix (WinoGrande's partial
-    evaluation can do that); they must score as the whole requests do, in a batch alone or mixed."""
+    evaluation can do that): a tree with an empty trunk. It must score as the whole requests do, in a
+    pack alone or beside an item that has a shared prefix."""
     model, tokenizer = tiny_llama(), word_tokenizer(add_bos=False)
     split_at_once = ChoiceItem(pairs=(("a b", " c d"), ("b b", " c d"), ("c", " c d")), label=1, lengths=(4, 4, 4))
     shared = ChoiceItem.with_endings("d e a", (" b", " c c"), 0)
