@@ -64,24 +64,28 @@ METHODS = [  # (row label, PruneConfig options)
     ("SparseGPT-mask+OPTIMA+refine", dict(mask="sparsegpt", update="optima", mask_rounds=2)),
     ("OWL-SparseGPT-mask+OPTIMA+refine", dict(mask="sparsegpt", update="optima", layer_budgets="owl", mask_rounds=2)),
     # past the layer-wise objective: the error-correcting target, true-sequential blocks, and both
-    ("Wanda+OPTIMA+dense-target", dict(mask="wanda", update="optima", target="dense")),
-    ("SparseGPT-mask+OPTIMA+dense-target", dict(mask="sparsegpt", update="optima", target="dense")),
     ("Wanda+OPTIMA+true-seq", dict(mask="wanda", update="optima", true_sequential=True)),
     ("SparseGPT-mask+OPTIMA+true-seq", dict(mask="sparsegpt", update="optima", true_sequential=True)),
+    ("Wanda+OPTIMA+dense-target+true-seq", dict(mask="wanda", update="optima", target="dense", true_sequential=True)),
     ("SparseGPT-mask+OPTIMA+dense-target+true-seq", dict(mask="sparsegpt", update="optima", target="dense",
                                                          true_sequential=True)),
     ("Wanda+OPTIMA+refine+true-seq", dict(mask="wanda", update="optima", mask_rounds=2, true_sequential=True)),
     ("SparseGPT-mask+OPTIMA+refine+true-seq", dict(mask="sparsegpt", update="optima", mask_rounds=2,
                                                    true_sequential=True)),
+    ("Wanda+OPTIMA+refine+dense-target+true-seq", dict(mask="wanda", update="optima", mask_rounds=2,
+                                                       target="dense", true_sequential=True)),
+    ("SparseGPT-mask+OPTIMA+refine+dense-target+true-seq", dict(mask="sparsegpt", update="optima", mask_rounds=2,
+                                                                target="dense", true_sequential=True)),
     ("ADMM-mask+OPTIMA+refine", dict(mask="admm", update="optima", mask_rounds=2)),
 ]
 WITHOUT_OPTIMA = {"magnitude+OPTIMA": "magnitude", "Wanda+OPTIMA": "Wanda", "SparseGPT-mask+OPTIMA": "SparseGPT",
                   "Thanos-mask+OPTIMA": "Thanos", "ADMM-mask+OPTIMA": "ADMM", "Wanda+OPTIMA+refine": "Wanda",
-                  "SparseGPT-mask+OPTIMA+refine": "SparseGPT", "Wanda+OPTIMA+dense-target": "Wanda",
-                  "SparseGPT-mask+OPTIMA+dense-target": "SparseGPT", "Wanda+OPTIMA+true-seq": "Wanda",
+                  "SparseGPT-mask+OPTIMA+refine": "SparseGPT", "Wanda+OPTIMA+true-seq": "Wanda",
                   "SparseGPT-mask+OPTIMA+true-seq": "SparseGPT", "SparseGPT-mask+OPTIMA+dense-target+true-seq": "SparseGPT",
                   "Wanda+OPTIMA+refine+true-seq": "Wanda", "SparseGPT-mask+OPTIMA+refine+true-seq": "SparseGPT",
-                  "ADMM-mask+OPTIMA+refine": "ADMM"}
+                  "Wanda+OPTIMA+dense-target+true-seq": "Wanda",
+                  "Wanda+OPTIMA+refine+dense-target+true-seq": "Wanda",
+                  "SparseGPT-mask+OPTIMA+refine+dense-target+true-seq": "SparseGPT", "ADMM-mask+OPTIMA+refine": "ADMM"}
 PATTERNS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("2:4", None, "2:4")]
 README_START, README_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 
@@ -202,6 +206,8 @@ def measure(bench, patterns: list[str], methods: list[str], resume: bool, consol
     rows = {row_key(r): r for r in saved["rows"]}
 
     def record(row: dict) -> None:
+        if resume:   # another run may have saved rows to the same file since: keep them
+            rows.update((row_key(r), r) for r in load_results(bench.results_name)["rows"])
         rows[row_key(row)] = row
         saved["rows"] = list(rows.values())
         write_atomic(results_path(bench.results_name), json.dumps(saved, indent=1))
