@@ -335,9 +335,11 @@ def seeds_markdown(saved: dict) -> str | None:
     if not groups:
         return None
     metrics = scalar_metrics([r for rs in groups.values() for r in rs])
-    lines = [f"**{saved['model']}, calibration seeds** (mean ± standard deviation over the seeds)", "",
-             "| pattern | method | seeds | " + " | ".join(metrics) + " | zero-shot mean |", "|---|---|---|" +
-             "---:|" * (len(metrics) + 1)]
+    lines = [f"**{saved['model']}, calibration seeds** (mean ± standard deviation over the seeds; the last column: "
+             "zero-shot mean minus the same mask without OPTIMA on the same seed, paired over the items, "
+             "seed by seed)", "",
+             "| pattern | method | seeds | " + " | ".join(metrics) + " | zero-shot mean | vs without OPTIMA |",
+             "|---|---|---|" + "---:|" * (len(metrics) + 2)]
     for (pattern, method), rs in groups.items():
         def spread(values: list[float], scale: float = 1.0) -> str:
             if len(values) < 2:
@@ -346,8 +348,16 @@ def seeds_markdown(saved: dict) -> str | None:
             return f"{scale * mean:.4g} ± {scale * statistics.stdev(values):.2g}"
         cells = [spread([r["metrics"][m] for r in rs if m in r["metrics"]]) for m in metrics]
         means = [suite_mean(suite_of(r))[0] for r in rs if "suite" in r["metrics"]]
+        baselines = {r.get("seed", 0): r for r in groups.get((pattern, WITHOUT_OPTIMA.get(method)), [])}
+
+        def versus(row: dict) -> str | None:
+            base = baselines.get(row.get("seed", 0))
+            if base is None or "suite" not in base["metrics"] or "suite" not in row["metrics"]:
+                return None
+            return _points(*suite_difference(suite_of(base), suite_of(row))["mean"])
+        paired = [p for p in map(versus, rs) if p]
         lines.append(f"| {pattern} | {method} | {', '.join(str(r.get('seed', 0)) for r in rs)} | "
-                     + " | ".join(cells) + f" | {spread(means, 100)} |")
+                     + " | ".join(cells) + f" | {spread(means, 100)} | {'; '.join(paired) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -380,7 +390,7 @@ def budget_markdown(model: str) -> str | None:
 
 def speed(saved: dict) -> str | None:
     """Wanda+OPTIMA against Wanda and SparseGPT at 50%, with where Wanda+OPTIMA spent its time."""
-    pick = {r["method"]: r for r in saved["rows"] if r["pattern"] == "50%"}
+    pick = {r["method"]: r for r in saved["rows"] if r["pattern"] == "50%" and r.get("seed", 0) == 0}
     if not {"Wanda+OPTIMA", "Wanda", "SparseGPT"} <= set(pick):
         return None
     wo, w, s = pick["Wanda+OPTIMA"], pick["Wanda"], pick["SparseGPT"]
