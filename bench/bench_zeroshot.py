@@ -74,10 +74,10 @@ def token_counts(model, tokenizer, items) -> dict[str, int]:
 def work_ratio(counts: dict, model) -> float:
     """HFLM's multiply-adds over ours (the linear layers and the LM head; attention and padding aside):
     the speed-up that equal arithmetic throughput would give."""
-    head = model.get_output_embeddings().weight
+    head_weight = model.get_output_embeddings().weight
     body = sum(p.numel() for n, p in model.named_parameters()
-               if p.dim() == 2 and "embed" not in n and p is not head)
-    head = head.numel()
+               if p.dim() == 2 and "embed" not in n and p is not head_weight)
+    head = head_weight.numel()
     hflm = counts["hflm_tokens"] * (body + head)
     return hflm / (counts["ours_tokens"] * body + counts["ours_scored_tokens"] * head)
 
